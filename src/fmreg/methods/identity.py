@@ -1,0 +1,18 @@
+"""The identity transform: the baseline every method must beat."""
+
+from __future__ import annotations
+
+from ..field import DisplacementField
+from ..image import Image
+from .base import RegistrationResult, register_method
+
+
+@register_method("identity")
+class IdentityMethod:
+    """``u = 0``: the moving image resampled on the fixed grid at the same world points."""
+
+    name = "identity"
+    uses_labels = False
+
+    def register(self, fixed: Image, moving: Image, fixed_labels=None, moving_labels=None) -> RegistrationResult:
+        return RegistrationResult(DisplacementField.identity(fixed.grid), self.name)

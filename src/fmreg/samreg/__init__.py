@@ -1,0 +1,1 @@
+"""SAMReg: training-free registration from matched regions of interest (paper 002)."""

@@ -1,0 +1,285 @@
+"""``fmreg bench``: register every pair of a manifest with each method and tabulate the scores.
+
+Outputs (all written atomically, see :class:`fmreg.runner.Staging`):
+
+* ``OUTDIR/results.csv`` with the columns ``name, method, dice_mean, dice_<value>...,
+  hd95_mean, tre_mean, tre_median, folding_pct, seconds, peak_mem_mb`` (one ``dice_<value>``
+  column per label value scored anywhere in the manifest, ascending; ``fg`` pairs are
+  binarized at > 127 and scored as value 1). A cell is empty where the pair has no ground
+  truth for it, or where the score is undefined (e.g. a label absent from both maps).
+* ``OUTDIR/results.md``: the same table, per-method means, and notes on the columns.
+* ``OUTDIR/<method>/<pair>/``: everything ``fmreg register`` writes for that pair.
+
+TRE: the landmark TRE (mean/median over points) when the pair has landmarks, otherwise the
+centroid TRE of its labels (distance between label centroids, SAMReg's measure; mean/median
+over labels). Units are mm, or pixels for PNG pairs. ``seconds`` and ``peak_mem_mb`` cover
+``method.register`` only (see :mod:`fmreg.runner`).
+
+Every pair is read and validated before the first registration starts, so a bad file is
+reported at once rather than after an hour of work.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import FmregError
+from .manifest import PairSpec, read_manifest
+from .runner import (
+    DEFAULT_METHOD,
+    Log,
+    Staging,
+    _abs,
+    check_outputs,
+    load_pair,
+    make_method,
+    quiet_log,
+    register_into,
+    stderr_log,
+)
+
+FIXED_COLUMNS_HEAD = ("name", "method", "dice_mean")
+FIXED_COLUMNS_TAIL = ("hd95_mean", "tre_mean", "tre_median", "folding_pct", "seconds", "peak_mem_mb")
+
+
+def columns_for(pairs: Sequence[PairSpec]) -> list[str]:
+    """The results.csv header for ``pairs``: one ``dice_<value>`` per scored value, ascending."""
+    values = sorted({v for p in pairs for v in p.scored_values()})
+    return [*FIXED_COLUMNS_HEAD, *(f"dice_{v}" for v in values), *FIXED_COLUMNS_TAIL]
+
+
+@dataclass
+class BenchResult:
+    """What :func:`run_bench` produced.
+
+    Attributes:
+        columns: The results.csv header.
+        rows: One dict per (pair, method), keys from ``columns`` (``None`` = empty cell) plus
+            ``tre_kind`` (``"landmark"``, ``"centroid"`` or ``None``).
+        outdir: Where the tables are.
+    """
+
+    columns: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    outdir: Path | None = None
+
+
+def _finite(v: Any) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _row(pair: PairSpec, method: str, doc: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    mets = doc.get("metrics", {})
+    row: dict[str, Any] = {c: None for c in columns}
+    row.update(name=pair.name, method=method, seconds=_finite(doc.get("seconds")), peak_mem_mb=_finite(doc.get("peak_mem_mb")))
+    row["folding_pct"] = _finite(mets.get("folding_pct"))
+    row["tre_kind"] = None
+    if "dice" in mets:
+        row["dice_mean"] = _finite(mets.get("mean_dice"))
+        row["hd95_mean"] = _finite(mets.get("mean_hd95"))
+        for value, d in mets["dice"].items():
+            row[f"dice_{value}"] = _finite(d)
+    if "landmark_tre" in mets:
+        row["tre_mean"] = _finite(mets["landmark_tre"]["mean"])
+        row["tre_median"] = _finite(mets["landmark_tre"]["median"])
+        row["tre_kind"] = "landmark"
+    elif "centroid_tre" in mets:
+        tres = [t for t in (_finite(v) for v in mets["centroid_tre"].values()) if t is not None]
+        if tres:
+            row["tre_mean"] = sum(tres) / len(tres)
+            row["tre_median"] = float(statistics.median(tres))
+        row["tre_kind"] = "centroid"
+    return row
+
+
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return format(v, ".6g")
+    return str(v)
+
+
+def _md_cell(column: str, v: Any) -> str:
+    if v is None:
+        return ""
+    if not isinstance(v, float):
+        return str(v).replace("|", "\\|")
+    if column.startswith("dice"):
+        return f"{v:.3f}"
+    if column == "folding_pct":
+        return f"{v:.3f}"
+    if column == "peak_mem_mb":
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def method_means(result: BenchResult) -> list[dict[str, Any]]:
+    """Per-method mean of every numeric column over the pairs where it is defined."""
+    out = []
+    methods = list(dict.fromkeys(r["method"] for r in result.rows))
+    for m in methods:
+        rows = [r for r in result.rows if r["method"] == m]
+        mean: dict[str, Any] = {"method": m, "pairs": len(rows)}
+        for c in result.columns[2:]:
+            vals = [r[c] for r in rows if r.get(c) is not None]
+            mean[c] = sum(vals) / len(vals) if vals else None
+        out.append(mean)
+    return out
+
+
+def to_csv(result: BenchResult) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(result.columns)
+    for r in result.rows:
+        w.writerow([_csv_cell(r.get(c)) for c in result.columns])
+    return buf.getvalue()
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def to_markdown(result: BenchResult, manifest: Path | None = None) -> str:
+    """results.md: the results table, the per-method means and notes on the columns."""
+    cols = result.columns
+    lines = ["# fmreg bench results", ""]
+    if manifest is not None:
+        lines += [f"Manifest: `{manifest}`", ""]
+    lines += _md_table(cols, [[_md_cell(c, r.get(c)) for c in cols] for r in result.rows])
+    lines += ["", "## Per-method means", ""]
+    means = method_means(result)
+    mcols = ["method", "pairs", *cols[2:]]
+    lines += _md_table(mcols, [[_md_cell(c, m.get(c)) for c in mcols] for m in means])
+    landmark = sorted({r["name"] for r in result.rows if r["tre_kind"] == "landmark"})
+    centroid = sorted({r["name"] for r in result.rows if r["tre_kind"] == "centroid"})
+    lines += [
+        "",
+        "## Column notes",
+        "",
+        "- `dice_<value>`: Dice of that label value; `fg` pairs (binary masks, foreground = "
+        "value > 127) are scored as value 1. `dice_mean`, `hd95_mean`: mean over the pair's "
+        "scored labels. HD95 in mm (pixels for PNG pairs).",
+        "- `tre_mean`, `tre_median`: landmark TRE over the landmark points where the pair has "
+        "landmarks, otherwise centroid TRE (distance between label centroids, SAMReg's measure) "
+        "over its labels; mm, or pixels for PNG pairs.",
+        f"  - landmark TRE: {', '.join(landmark) if landmark else 'none'}",
+        f"  - centroid TRE: {', '.join(centroid) if centroid else 'none'}",
+        "- `folding_pct`: % of voxels with Jacobian determinant ≤ 0.",
+        "- `seconds`: wall time of the method's registration only; `peak_mem_mb`: increase of "
+        "the process's peak resident memory during it (MiB).",
+        "- Empty cell: no ground truth for it, or undefined (e.g. a label absent from both maps).",
+        "- Means are taken over the pairs where a value is defined.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_bench(
+    manifest: str | os.PathLike,
+    methods: Sequence[str] | None = None,
+    outdir: str | os.PathLike = "fmreg-bench",
+    pairs: Sequence[str] | None = None,
+    overwrite: bool = False,
+    log: Log = stderr_log,
+    progress: bool = True,
+) -> BenchResult:
+    """Register every selected pair of ``manifest`` with each method and write the tables.
+
+    Args:
+        manifest: Pair manifest CSV (see :mod:`fmreg.manifest`).
+        methods: Method names (default: ``[DEFAULT_METHOD]``); repeats are dropped.
+        outdir: Output folder.
+        pairs: Only these pair names (default: all), in manifest order.
+        overwrite: Allow replacing existing files in an input's folder.
+        log: Progress lines (written through tqdm so the bar stays intact).
+        progress: Show a tqdm progress bar of (pair, method) registrations done.
+
+    Returns:
+        The :class:`BenchResult`.
+
+    Raises:
+        FmregError: Bad manifest (missing column or file), unknown pair or method name, or any
+            pair failing validation (checked for all pairs before the first registration).
+    """
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    manifest = _abs(manifest)
+    outdir = _abs(outdir)
+    specs = read_manifest(manifest)
+    if pairs:
+        known = {p.name for p in specs}
+        unknown = [n for n in pairs if n not in known]
+        if unknown:
+            raise FmregError(f"pair {unknown[0]!r} is not in {manifest}; it lists {', '.join(sorted(known))}")
+        wanted = set(pairs)
+        specs = [p for p in specs if p.name in wanted]
+    names = list(dict.fromkeys(methods or [DEFAULT_METHOD]))
+    insts = {m: make_method(m) for m in names}  # unknown methods fail before any work
+
+    inputs: list[Path | None] = [manifest]
+    for p in specs:
+        inputs += [p.fixed, p.moving, p.fixed_labels, p.moving_labels, p.fixed_landmarks, p.moving_landmarks]
+    check_outputs([outdir / "results.csv", outdir / "results.md"], inputs, overwrite)
+    log(f"checking {len(specs)} pairs of {manifest.name} …")
+    for p in specs:
+        try:
+            load_pair(p.fixed, p.moving, p.fixed_labels, p.moving_labels, p.fixed_landmarks, p.moving_landmarks, log=quiet_log)
+        except FmregError as exc:
+            raise FmregError(f"pair {p.name!r}: {exc}") from None
+        for m, inst in insts.items():
+            if getattr(inst, "uses_labels", False) and not p.has_labels:
+                raise FmregError(f"method '{m}' needs label maps but pair {p.name!r} has none")
+
+    result = BenchResult(columns_for(specs), outdir=outdir)
+    bar = tqdm(total=len(specs) * len(names), desc="fmreg bench", unit="reg", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+    def blog(msg: str) -> None:
+        if log is quiet_log:
+            return
+        if progress:
+            tqdm.write(f"[fmreg] {msg}", file=sys.stderr)
+        else:
+            log(msg)
+
+    try:
+        with Staging(outdir) as staging:
+            for p in specs:
+                pair = load_pair(p.fixed, p.moving, p.fixed_labels, p.moving_labels, p.fixed_landmarks, p.moving_landmarks, log=quiet_log)
+                spec = p.labels if p.has_labels else None
+                for m in names:
+                    bar.set_postfix_str(f"{p.name} / {m}")
+                    blog(f"{p.name}: {m}")
+                    stage_dir = staging.root / m / p.name
+                    stage_dir.mkdir(parents=True, exist_ok=True)
+                    try:
+                        outcome = register_into(insts[m], pair, stage_dir, spec, None, log=blog)
+                    except FmregError as exc:
+                        raise FmregError(f"pair {p.name!r}, method {m}: {exc}") from None
+                    # A method's own name for its result (e.g. samreg-labels) labels the row.
+                    row = _row(p, outcome.doc.get("method") or m, outcome.doc, result.columns)
+                    result.rows.append(row)
+                    bar.update(1)
+            staging.path("results.csv").write_text(to_csv(result))
+            staging.path("results.md").write_text(to_markdown(result, manifest))
+            check_outputs([outdir / f for f in staging.files()], inputs, overwrite)
+    finally:
+        bar.close()
+    log(f"wrote {outdir / 'results.csv'} and results.md ({len(result.rows)} rows) in {time.perf_counter() - t_start:.1f} s")
+    return result

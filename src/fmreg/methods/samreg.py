@@ -1,0 +1,129 @@
+"""SAMReg as a registration method: ``samreg`` (default), ``samreg-sam``, ``samreg-labels``.
+
+* ``samreg``: classical segment-everything + classical encoder; needs no weights.
+* ``samreg-sam``: Segment Anything (transformers ``SamModel``) for both ROIs and prototypes;
+  the model folder comes from ``model=PATH`` or the ``FMREG_SAM_MODEL`` environment variable.
+* ``samreg-labels``: the paper's Case 1, pairs taken from the label maps: an upper bound that
+  sees the ground truth, hence its own name.
+
+Any segmenter pairs with any encoder: ``segmenter=sam encoder=classical`` and so on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, fields
+from typing import Any
+
+from ..errors import FmregError
+from ..image import Image
+from ..report import RoiPairView, save_roi_pairs
+from ..samreg.fit import FitOptions
+from ..samreg.pipeline import SamRegOptions, fit_pairs, label_roi_pairs, samreg
+from .base import RegistrationResult, register_method
+
+_ROI_KEYS = {f.name for f in fields(SamRegOptions)}
+_FIT_KEYS = {f.name for f in fields(FitOptions)}
+
+
+def _split_params(params: dict[str, Any]) -> tuple[SamRegOptions, FitOptions, dict[str, Any]]:
+    roi = {k: v for k, v in params.items() if k in _ROI_KEYS}
+    fit = {k: v for k, v in params.items() if k in _FIT_KEYS}
+    rest = {k: v for k, v in params.items() if k not in _ROI_KEYS | _FIT_KEYS}
+    return SamRegOptions(**roi), FitOptions(**fit), rest
+
+
+def _make_backend(kind: str, model: str | None, role: str, cache: dict):
+    if kind == "classical":
+        from ..samreg.classical import ClassicalEncoder, ClassicalSegmenter
+
+        return ClassicalSegmenter() if role == "segmenter" else ClassicalEncoder()
+    if kind == "sam":
+        if "sam" not in cache:
+            from ..samreg.sam import SamBackend
+
+            path = model or os.environ.get("FMREG_SAM_MODEL")
+            if not path:
+                raise FmregError(
+                    "the sam backend needs a Segment Anything model folder: pass --param model=PATH "
+                    "or set FMREG_SAM_MODEL (e.g. a local copy of facebook/sam-vit-base)"
+                )
+            cache["sam"] = SamBackend(path)
+        return cache["sam"]
+    raise FmregError(f"unknown {role} '{kind}': choose classical or sam")
+
+
+class SamRegMethod:
+    """SAMReg with a chosen segmenter and encoder (see module docstring)."""
+
+    uses_labels = False
+
+    def __init__(self, name: str = "samreg", segmenter: str = "classical", encoder: str | None = None,
+                 model: str | None = None, **params: Any) -> None:
+        self.name = name
+        self.roi_options, self.fit_options, rest = _split_params(params)
+        if rest:
+            known = sorted(_ROI_KEYS | _FIT_KEYS | {"segmenter", "encoder", "model"})
+            raise FmregError(f"unknown samreg parameter(s) {sorted(rest)}: known are {', '.join(known)}")
+        self.segmenter_kind = segmenter
+        self.encoder_kind = encoder or segmenter
+        self.model = model
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "segmenter": self.segmenter_kind,
+            "encoder": self.encoder_kind,
+            **({"model": str(self.model)} if self.model else {}),
+            "roi": asdict(self.roi_options),
+            "fit": self.fit_options.to_dict(),
+        }
+
+    def register(self, fixed: Image, moving: Image, fixed_labels=None, moving_labels=None) -> RegistrationResult:
+        cache: dict = {}
+        seg = _make_backend(self.segmenter_kind, self.model, "segmenter", cache)
+        enc = _make_backend(self.encoder_kind, self.model, "encoder", cache)
+        out = samreg(fixed, moving, seg, enc, self.roi_options, self.fit_options)
+        return _result(self.name, self.parameters(), fixed, moving, out.field, out.pairs, out.timings, out.fit_report)
+
+
+def _result(name, parameters, fixed, moving, field, pairs, timings, fit_report) -> RegistrationResult:
+    info = {
+        "roi_pairs": [p.summary(fixed.grid, moving.grid) for p in pairs],
+        "stage_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "fit": fit_report,
+    }
+    views = [RoiPairView(p.fixed_mask, p.moving_mask, p.similarity, i + 1) for i, p in enumerate(pairs)]
+    return RegistrationResult(
+        field, name, parameters, info,
+        artifacts={"roi_pairs.png": lambda path: save_roi_pairs(path, fixed, moving, views)},
+    )
+
+
+class SamRegLabelsMethod:
+    """Case 1 of the paper: ROI pairs from the fixed and moving label maps (an upper bound)."""
+
+    name = "samreg-labels"
+    uses_labels = True
+
+    def __init__(self, **params: Any) -> None:
+        self.roi_options, self.fit_options, rest = _split_params(params)
+        if rest:
+            raise FmregError(f"unknown samreg-labels parameter(s) {sorted(rest)}")
+
+    def register(self, fixed: Image, moving: Image, fixed_labels: Image | None = None,
+                 moving_labels: Image | None = None) -> RegistrationResult:
+        import time
+
+        if fixed_labels is None or moving_labels is None:
+            raise FmregError("samreg-labels needs both label maps (--fixed-labels and --moving-labels)")
+        pairs = label_roi_pairs(fixed_labels, moving_labels)
+        t = time.perf_counter()
+        field, report = fit_pairs(fixed, moving, pairs, self.fit_options)
+        timings = {"fit": time.perf_counter() - t}
+        params = {"segmenter": "labels", "fit": self.fit_options.to_dict()}
+        return _result(self.name, params, fixed, moving, field, pairs, timings, report)
+
+
+register_method("samreg")(lambda **p: SamRegMethod("samreg", **p))
+register_method("samreg-sam")(lambda **p: SamRegMethod("samreg-sam", **{"segmenter": "sam", **p}))
+register_method("samreg-labels")(SamRegLabelsMethod)

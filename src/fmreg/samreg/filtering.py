@@ -1,0 +1,128 @@
+"""The outlier-removing ROI filter of SAMReg (paper 002, Sec. 3.2.2 and 4.2).
+
+Candidates from a segment-everything backend are kept when their area is plausible for an
+anatomical region, their confidence and stability pass the backend thresholds, and they are
+not mostly covered by a better candidate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import FmregError
+from .proposals import RoiProposals
+
+__all__ = [
+    "MAX_AREA_FRAC",
+    "MAX_OVERLAP",
+    "MIN_AREA_FRAC",
+    "MIN_SCORE",
+    "MIN_STABILITY",
+    "filter_proposals",
+    "overlap_ratio",
+]
+
+# Paper 002, Sec. 4.2: ROI areas between 200 and 7000 px on its 200x200 images, kept here as
+# fractions of the slice area so that they carry over to other slice sizes.
+MIN_AREA_FRAC = 200 / 40000
+MAX_AREA_FRAC = 7000 / 40000
+# Paper 002, Sec. 4.2: "a maximum ratio of 0.8" between overlapping ROIs.
+MAX_OVERLAP = 0.8
+# Paper 002, Sec. 4.2: SAM's pred-iou-thresh and stability-score-thresh both set to 0.90.
+MIN_SCORE = 0.90
+MIN_STABILITY = 0.90
+
+
+def _intersections(masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairwise intersection counts ``(K, K)`` and areas ``(K,)`` of bool masks, float64.
+
+    The product runs in float32 (exact for counts below 2**24 px) and is then widened, so
+    ratios like 80 / 100 compare exactly against thresholds like 0.8.
+    """
+    flat = masks.reshape(masks.shape[0], -1).float()
+    return (flat @ flat.T).double(), flat.sum(1).double()
+
+
+def overlap_ratio(masks: Tensor) -> Tensor:
+    """Pairwise overlap ``|A & B| / min(|A|, |B|)`` of bool masks.
+
+    Args:
+        masks: ``(K, H, W)`` bool.
+
+    Returns:
+        ``(K, K)`` float64 in [0, 1]; 1 where one mask lies inside the other, 0 on pairs
+        involving an empty mask.
+    """
+    inter, area = _intersections(masks)
+    smaller = torch.minimum(area[:, None], area[None, :])
+    return torch.where(smaller > 0, inter / smaller.clamp_min(1), torch.zeros_like(inter))
+
+
+def filter_proposals(
+    props: RoiProposals,
+    *,
+    min_area_frac: float = MIN_AREA_FRAC,
+    max_area_frac: float = MAX_AREA_FRAC,
+    max_overlap: float = MAX_OVERLAP,
+    min_score: float = MIN_SCORE,
+    min_stability: float = MIN_STABILITY,
+) -> RoiProposals:
+    """Drop implausible and redundant ROI candidates.
+
+    Rules, in order:
+
+    1. empty masks are dropped;
+    2. masks with area outside ``[min_area_frac, max_area_frac] * H * W`` (inclusive) are
+       dropped;
+    3. masks with ``score < min_score`` or ``stability < min_stability`` are dropped;
+    4. the rest are visited by descending score (ties: higher stability, then lower index);
+       a mask is dropped when its overlap ``|A & B| / min(|A|, |B|)`` with an already kept
+       mask exceeds ``max_overlap``, so of two overlapping masks the higher-scoring stays.
+
+    Args:
+        props: candidates of one ``(H, W)`` slice.
+        min_area_frac, max_area_frac: area bounds as fractions of ``H * W`` (paper: 200 and
+            7000 px of 200x200).
+        max_overlap: largest allowed overlap ratio between two kept masks (paper: 0.8).
+        min_score, min_stability: lowest kept confidence and stability (paper: 0.90, SAM's
+            calibration; other backends may need their own values).
+
+    Returns:
+        The kept candidates, in their original relative order.
+    """
+    masks = props.masks
+    if masks.ndim != 3:
+        raise FmregError(f"ROI masks must be (K, H, W), got shape {tuple(masks.shape)}")
+    if not 0.0 <= min_area_frac <= max_area_frac:
+        raise FmregError(
+            f"area bounds must satisfy 0 <= min_area_frac <= max_area_frac, got "
+            f"{min_area_frac} and {max_area_frac}"
+        )
+    k, h, w = masks.shape
+    if k == 0:
+        return props
+    masks = masks.bool()
+    area = masks.reshape(k, -1).sum(1)
+    n_px = h * w
+    # Small tolerance so that a bound given as e.g. 200/40000 keeps exactly 200 px.
+    eps = 1e-9 * n_px
+    ok = (area > 0) & (area >= min_area_frac * n_px - eps) & (area <= max_area_frac * n_px + eps)
+    ok &= (props.scores >= min_score) & (props.stability >= min_stability)
+    cand = torch.nonzero(ok).flatten()
+    if cand.numel() == 0:
+        return props.select(cand)
+
+    # Stable descending sort on (score, stability): index order breaks the remaining ties.
+    sub_scores = props.scores[cand].double()
+    sub_stab = props.stability[cand].double()
+    order = sorted(
+        range(cand.numel()), key=lambda i: (-float(sub_scores[i]), -float(sub_stab[i]), i)
+    )
+    ratio = overlap_ratio(masks[cand]).numpy()
+    kept: list[int] = []
+    for i in order:
+        if not kept or bool((ratio[i, kept] <= max_overlap).all()):
+            kept.append(i)
+    keep = cand[torch.tensor(sorted(kept), dtype=torch.long)]
+    return props.select(keep)

@@ -75,6 +75,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 @needs_report
+@pytest.mark.slow
 def test_bench_writes_exact_columns_and_empty_cells(manifest, tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["bench", str(manifest), "-o", str(out)]

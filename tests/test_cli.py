@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -160,6 +159,7 @@ def test_register_identity_3d_writes_every_output(data, tmp_path, capsys):
 @needs_report
 @pytest.mark.skipif(not HAVE_DEMONS, reason="methods/demons.py not written yet")
 @pytest.mark.parametrize("ndim", ["2d", "3d"])
+@pytest.mark.slow
 def test_register_demons_writes_outputs_and_matches_warp(data, tmp_path, ndim):
     files = data[ndim]
     out = tmp_path / "out"
@@ -419,6 +419,7 @@ def test_evaluate_landmarks_need_the_field(data, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- demo
 @needs_report
+@pytest.mark.slow
 def test_demo_registers_both_phantoms(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["--method", "demons", "--param", "iterations=[30,15,5]"] if HAVE_DEMONS else ["--method", "identity"]
@@ -447,6 +448,7 @@ def test_default_method_is_samreg(capsys):
 
 @needs_report
 @pytest.mark.skipif("samreg" not in available_methods(), reason="methods/samreg.py not written yet")
+@pytest.mark.slow
 def test_register_without_method_runs_samreg(data, tmp_path):
     files = data["2d"]
     out = tmp_path / "out"

@@ -38,7 +38,7 @@ from .runner import (
     DEFAULT_METHOD,
     Log,
     Staging,
-    _abs,
+    absolute,
     check_outputs,
     load_pair,
     make_method,
@@ -220,8 +220,8 @@ def run_bench(
     from tqdm import tqdm
 
     t_start = time.perf_counter()
-    manifest = _abs(manifest)
-    outdir = _abs(outdir)
+    manifest = absolute(manifest)
+    outdir = absolute(outdir)
     specs = read_manifest(manifest)
     if pairs:
         known = {p.name for p in specs}

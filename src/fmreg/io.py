@@ -25,6 +25,10 @@ from .field import DisplacementField
 from .grid import Frame, Grid
 from .image import Image
 
+# ITK warns about every ACDC file ("unexpected scales in sform") although it then reads
+# the correct spacing from the header; the warning would drown fmreg's own messages.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NUMPY_SUFFIXES = (".npy", ".npz")
@@ -55,6 +59,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=".fmreg-tmp-", suffix=suffix_of(path), dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp makes 0600 files; outputs should get the permissions any new file would get.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -139,6 +147,8 @@ def read_image(path: str | Path, label: bool = False) -> Image:
         if suf in NUMPY_SUFFIXES:
             return _read_numpy(path, label)
         img = sitk.ReadImage(str(path))
+        if suf in (".nii", ".nii.gz") and not label:
+            _check_nifti_finite(path)
     except FmregError:
         raise
     except Exception as exc:  # unreadable file: a one-line message, not a traceback
@@ -150,6 +160,36 @@ def read_image(path: str | Path, label: bool = False) -> Image:
     if img.GetDimension() == 4:
         raise FmregError(f"{path}: 4D images are not supported; extract a 3D frame first")
     return _from_array(sitk.GetArrayFromImage(img), grid_of(img), label, name)
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """Raise when a float NIfTI-1 file stores NaN/Inf voxels.
+
+    ITK's NIfTI reader silently replaces NaN and Inf by 0, so the check has to read the
+    stored values itself (NIfTI-1 layout: datatype at byte 70, vox_offset at byte 108).
+    """
+    import gzip
+    import struct
+
+    opener = gzip.open if suffix_of(path) == ".nii.gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 352:
+        return
+    for endian in ("<", ">"):
+        if struct.unpack(endian + "i", raw[:4])[0] == 348:
+            break
+    else:
+        return  # NIfTI-2 or unknown: nothing more to check
+    datatype = struct.unpack(endian + "h", raw[70:72])[0]
+    dtype = {16: "f4", 64: "f8"}.get(datatype)
+    if dtype is None:
+        return
+    offset = int(struct.unpack(endian + "f", raw[108:112])[0])
+    values = np.frombuffer(raw, dtype=endian + dtype, offset=offset)
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        raise FmregError(f"{path} contains {bad} NaN/Inf intensities")
 
 
 def _luminance(img: sitk.Image) -> sitk.Image:

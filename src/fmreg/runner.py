@@ -73,7 +73,8 @@ def quiet_log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------- small helpers
-def _abs(path: str | os.PathLike) -> Path:
+def absolute(path: str | os.PathLike) -> Path:
+    """Absolute path without resolving symlinks."""
     # abspath, not resolve(): keep symlinked data folders as the user named them in messages.
     return Path(os.path.abspath(os.fspath(path)))
 
@@ -86,7 +87,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _is_same_path(a: Path, b: Path) -> bool:
-    return _abs(a) == _abs(b) or _same_file(a, b)
+    return absolute(a) == absolute(b) or _same_file(a, b)
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -235,7 +236,7 @@ class PeakMemory:
 
 # ---------------------------------------------------------------------------- atomic outputs
 def _nearest_existing(path: Path) -> Path:
-    path = _abs(path)
+    path = absolute(path)
     while not path.exists():
         path = path.parent
     return path
@@ -252,7 +253,7 @@ class Staging:
     """
 
     def __init__(self, dest: str | os.PathLike) -> None:
-        self.dest = _abs(dest)
+        self.dest = absolute(dest)
         if self.dest.exists() and not self.dest.is_dir():
             raise FmregError(f"output folder {self.dest} exists and is not a folder")
         anchor = _nearest_existing(self.dest.parent)
@@ -324,10 +325,10 @@ def check_outputs(
     Raises:
         FmregError: Naming the first offending path.
     """
-    ins = [_abs(p) for p in inputs if p is not None]
+    ins = [absolute(p) for p in inputs if p is not None]
     in_dirs = {p.parent for p in ins}
     for out in outputs:
-        out = _abs(out)
+        out = absolute(out)
         for i in ins:
             if _is_same_path(out, i):
                 raise FmregError(f"output {out} is an input file: choose another output path")
@@ -410,12 +411,12 @@ def load_pair(
             dimensionality.
     """
     paths = {
-        "fixed": _abs(fixed),
-        "moving": _abs(moving),
-        "fixed_labels": _abs(fixed_labels) if fixed_labels else None,
-        "moving_labels": _abs(moving_labels) if moving_labels else None,
-        "fixed_landmarks": _abs(fixed_landmarks) if fixed_landmarks else None,
-        "moving_landmarks": _abs(moving_landmarks) if moving_landmarks else None,
+        "fixed": absolute(fixed),
+        "moving": absolute(moving),
+        "fixed_labels": absolute(fixed_labels) if fixed_labels else None,
+        "moving_labels": absolute(moving_labels) if moving_labels else None,
+        "fixed_landmarks": absolute(fixed_landmarks) if fixed_landmarks else None,
+        "moving_landmarks": absolute(moving_landmarks) if moving_landmarks else None,
     }
     if (paths["fixed_landmarks"] is None) != (paths["moving_landmarks"] is None):
         raise FmregError("give both --fixed-landmarks and --moving-landmarks, or neither")
@@ -725,7 +726,7 @@ def register(
         The :class:`Outcome` (``doc`` = ``result.json``).
     """
     t_start = time.perf_counter()
-    outdir = _abs(outdir)
+    outdir = absolute(outdir)
     spec = parse_labels(labels) if isinstance(labels, str) or labels is None else labels
     if spec is not None and (fixed_labels is None or moving_labels is None):
         raise FmregError("--labels needs both --fixed-labels and --moving-labels")
@@ -765,8 +766,8 @@ def warp_file(
     Returns:
         The output path.
     """
-    output = _abs(output)
-    check_outputs([output], [_abs(moving), _abs(ddf), _abs(reference)], overwrite)
+    output = absolute(output)
+    check_outputs([output], [absolute(moving), absolute(ddf), absolute(reference)], overwrite)
     log(f"reading {Path(moving).name}, {Path(ddf).name} and {Path(reference).name}")
     mov = read_image(moving, label=labels)
     if not labels:
@@ -810,13 +811,13 @@ def jacobian_file(
     Returns:
         ``{"outputs": [...], "folding_pct", "std_log_jacobian", "min", "max"}``.
     """
-    output = _abs(output)
+    output = absolute(output)
     suf = suffix_of(output)
     png_only = suf == ".png"
     if not png_only and suf in (".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy"):
         raise FmregError(f"{output}: write the Jacobian map as .nii.gz (values) or .png (picture)")
     outs = [output] if png_only else [output, _jacobian_png_path(output)]
-    check_outputs(outs, [_abs(ddf)], overwrite)
+    check_outputs(outs, [absolute(ddf)], overwrite)
     log(f"reading {Path(ddf).name}")
     fld = read_field(ddf)
     jac = jacobian_determinant(fld)
@@ -868,9 +869,9 @@ def evaluate_files(
         raise FmregError("give both --fixed-landmarks and --moving-landmarks, or neither")
     if fixed_landmarks is not None and ddf is None:
         raise FmregError("landmark TRE needs the registration's displacement field: pass --ddf")
-    inputs = [_abs(p) for p in (fixed_labels, warped_labels, ddf, fixed_landmarks, moving_landmarks, moving_image) if p]
+    inputs = [absolute(p) for p in (fixed_labels, warped_labels, ddf, fixed_landmarks, moving_landmarks, moving_image) if p]
     if output is not None:
-        output = _abs(output)
+        output = absolute(output)
         check_outputs([output], inputs, overwrite)
     spec = parse_labels(labels) if isinstance(labels, str) or labels is None else labels
     log(f"reading {Path(fixed_labels).name} and {Path(warped_labels).name}")
@@ -896,7 +897,7 @@ def evaluate_files(
             raise FmregError(f"landmarks are {landmarks[0].shape[1]}D but the label maps are {fl.ndim}D")
     mgrid = read_image(moving_image).grid if moving_image is not None else None
     mets = score(wl, fl, spec, fld, landmarks=landmarks, moving_grid=mgrid, log=log)
-    doc = {"fmreg_version": __version__, "inputs": {"fixed_labels": str(_abs(fixed_labels)), "warped_labels": str(_abs(warped_labels)), **({"ddf": str(_abs(ddf))} if ddf else {})}, "metrics": mets}
+    doc = {"fmreg_version": __version__, "inputs": {"fixed_labels": str(absolute(fixed_labels)), "warped_labels": str(absolute(warped_labels)), **({"ddf": str(absolute(ddf))} if ddf else {})}, "metrics": mets}
     if output is not None:
         with Staging(output.parent) as staging:
             staging.path(output.name).write_text(dump_json(doc))
@@ -924,7 +925,7 @@ def demo(
     """
     from . import phantoms
 
-    outdir = _abs(outdir)
+    outdir = absolute(outdir)
     summaries = []
     meth = make_method(method, params)
     for ndim in (2, 3):

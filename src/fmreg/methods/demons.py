@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..errors import FmregError
 from ..field import DisplacementField
 from ..grid import Frame, Grid
 from ..image import Image, check_pair
@@ -78,11 +79,11 @@ def _shrink(image: sitk.Image, factors: Sequence[int], sigma: float) -> sitk.Ima
 
 
 def _resample_field(field: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """A displacement field resampled (linearly, world-aligned) onto ``reference``'s grid."""
-    out = sitk.Resample(
-        field, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64
-    )
-    return out
+    """A displacement field resampled (linearly, world-aligned) onto ``reference``'s grid.
+
+    Displacements are world vectors in mm, so they carry over between levels unchanged.
+    """
+    return sitk.Resample(field, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
 
 
 @register_method("demons")
@@ -106,6 +107,7 @@ class DemonsMethod:
             of in voxels: the sigma applies along the finest axis and shrinks in proportion
             along coarser axes (an ACDC slice axis is then barely smoothed). Off by default.
         histogram_levels, match_points: Histogram matching of the moving to the fixed image.
+        threads: Worker threads; default SimpleITK's (all cores).
     """
 
     name = "demons"
@@ -124,19 +126,22 @@ class DemonsMethod:
         physical_smoothing: bool = False,
         threads: int | None = None,
     ) -> None:
-        self.physical_smoothing = bool(physical_smoothing)
         self.shrink_factors = tuple(int(f) for f in shrink_factors)
         if isinstance(iterations, int):
             iterations = (iterations,) * len(self.shrink_factors)
         self.iterations = tuple(int(i) for i in iterations)
         if len(self.iterations) != len(self.shrink_factors):
-            raise ValueError("demons: give one iteration count per shrink factor")
+            raise FmregError(
+                f"demons: {len(self.iterations)} iteration counts for {len(self.shrink_factors)} "
+                "shrink factors: give one per level"
+            )
         self.smoothing_sigma = float(smoothing_sigma)
         self.field_sigma = float(field_sigma)
         self.update_sigma = float(update_sigma)
         self.max_step = float(max_step)
         self.histogram_levels = int(histogram_levels)
         self.match_points = int(match_points)
+        self.physical_smoothing = bool(physical_smoothing)
         self.threads = threads
 
     def parameters(self) -> dict:
@@ -181,7 +186,6 @@ class DemonsMethod:
         )
 
         field: sitk.Image | None = None
-        levels = []
         for factor, iters in zip(self.shrink_factors, self.iterations):
             factors = axis_shrink_factors(fixed.grid, factor)
             f_level = _shrink(fixed_itk, factors, self.smoothing_sigma)
@@ -205,8 +209,6 @@ class DemonsMethod:
             else:
                 init = _resample_field(field, f_level)
                 field = demons.Execute(f_level, m_level, init)
-            levels.append({"shrink": list(factors), "size": list(f_level.GetSize()), "iterations": iters,
-                           "metric": float(demons.GetMetric())})
         assert field is not None
         if tuple(field.GetSize()) != fixed.grid.size:  # pragma: no cover - last factor > 1
             field = _resample_field(field, fixed_itk)

@@ -11,6 +11,7 @@ in world millimetres, which is used as it is.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -117,21 +118,35 @@ class ElastixMethod:
 
     def register(self, fixed: Image, moving: Image, fixed_labels=None, moving_labels=None) -> RegistrationResult:
         check_pair(fixed, moving)
-        itk = _itk()
         transform, _, moving_itk = self.register_itk(fixed, moving)
+        field = field_from_transform(transform, moving_itk, fixed.grid)
+        return RegistrationResult(field, self.name, self.parameters(), {})
+
+
+def field_from_transform(transform, moving_itk, grid: Grid) -> DisplacementField:
+    """The dense displacement of an elastix transform parameter object, via transformix.
+
+    Transformix samples ``T(x) - x`` (world mm) on the grid written in the transform
+    parameters, the fixed grid, which must equal ``grid``.
+    """
+    itk = _itk()
+    # Transformix also writes deformationField.nii into its output directory (the working
+    # directory unless told otherwise): give it a scratch folder.
+    with tempfile.TemporaryDirectory(prefix="fmreg-transformix-") as scratch:
         transformix = itk.TransformixFilter.New(moving_itk)
         transformix.SetTransformParameterObject(transform)
         transformix.SetComputeDeformationField(True)
+        transformix.SetOutputDirectory(scratch)
         transformix.SetLogToConsole(False)
         transformix.SetLogToFile(False)
         transformix.UpdateLargestPossibleRegion()
         ddf = transformix.GetOutputDeformationField()
         ddf_grid = grid_of_itk(ddf)
-        if not ddf_grid.same_as(fixed.grid):  # pragma: no cover - elastix writes the fixed grid
-            raise FmregError(
-                f"elastix returned a deformation field on {ddf_grid.describe()}, not on the fixed grid"
-            )
-        arr = np.asarray(itk.array_from_image(ddf), dtype=np.float32)  # (*shape, ndim), x-first
-        data = torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0)))
-        field = DisplacementField(data, fixed.grid, Frame.PHYSICAL)
-        return RegistrationResult(field, self.name, self.parameters(), {})
+        arr = np.array(itk.array_from_image(ddf), dtype=np.float32)  # copy: (*shape, ndim), x-first
+    if not ddf_grid.same_as(grid):  # pragma: no cover - elastix writes the fixed grid
+        raise FmregError(
+            f"elastix returned a deformation field on {ddf_grid.describe()}, expected the fixed "
+            f"grid {grid.describe()}"
+        )
+    data = torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0)))
+    return DisplacementField(data, grid, Frame.PHYSICAL)

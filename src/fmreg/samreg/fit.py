@@ -51,6 +51,9 @@ class FitOptions:
         image_weight: Weight of the LNCC image term (0 turns the hybrid off).
         lncc_window_mm: LNCC window edge in mm (per axis at least 3 voxels).
         squaring_steps: Scaling-and-squaring steps.
+        verify_dice: With the image term on, the coarsest level fits the images alone and
+            then drops every ROI pair whose Dice under that transform is below this value:
+            a pair that the images contradict is most likely a wrong match. None keeps all.
     """
 
     levels: int = 3
@@ -63,7 +66,7 @@ class FitOptions:
     image_weight: float = 0.5
     lncc_window_mm: float = 9.0
     squaring_steps: int = 7
-    max_level_voxels: int = 2_000_000
+    verify_dice: float | None = 0.3
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -170,6 +173,7 @@ class FitReport:
     """What happened during the fit (JSON-serialisable)."""
 
     levels: list[dict] = field(default_factory=list)
+    kept_pairs: list[int] | None = None
 
 
 def fit_field(
@@ -219,7 +223,9 @@ def fit_field(
     fixed_image_n = _normalise_intensity(fixed_image.float()) if use_image else None
     moving_image_n = _normalise_intensity(moving_image.float()) if use_image else None
 
+    verify = use_image and k > 0 and opt.verify_dice is not None
     for level, (grid, n_iter) in enumerate(zip(grids, iters)):
+        roi_on = k > 0 and not (verify and level == 0)
         pts = grid.coordinates(Frame.PHYSICAL)
         fm = _resize(fixed_masks.float(), grid.shape) if k else None
         # Moving data on this level's grid, via world coordinates (identity transform).
@@ -250,7 +256,7 @@ def fit_field(
             loc = ident + _upsample_disp(scaling_and_squaring(_to_norm(v, m_ctrl), ident_ctrl, opt.squaring_steps), grid.shape)
             loss = opt.reg_weight * gradient_penalty(v, ctrl_grid.spacing_array)
             terms = {"reg": float(loss.detach())}
-            if k:
+            if roi_on:
                 wm = _warp(mm, loc)
                 dims = tuple(range(1, ndim + 1))
                 mse = ((wm - fm) ** 2).mean(dim=dims)
@@ -269,6 +275,16 @@ def fit_field(
             optim.step()
             last = terms
         v_phys = v.detach()
+        if verify and level == 0:
+            with torch.no_grad():
+                wm = _warp(mm, loc)
+                dims = tuple(range(1, ndim + 1))
+                dice = 2 * (wm * fm).sum(dim=dims) / (wm.sum(dim=dims) + fm.sum(dim=dims)).clamp_min(1e-6)
+            keep = dice >= opt.verify_dice
+            report.kept_pairs = [int(i) for i in torch.nonzero(keep).flatten()]
+            weights = torch.where(keep, weights, torch.zeros_like(weights))
+            weights = weights / weights.sum().clamp_min(1e-6)
+            log.info("fit: %d of %d ROI pairs agree with the image fit (Dice >= %.2f)", int(keep.sum()), k, opt.verify_dice)
         report.levels.append({"shape": list(grid.shape), "control_shape": ctrl_shape, "iterations": n_iter, **last})
         log.info("fit level %d/%d %s: %s", level + 1, opt.levels, "×".join(map(str, grid.shape)),
                  ", ".join(f"{a}={b:.4f}" for a, b in last.items()))

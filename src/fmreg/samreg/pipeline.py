@@ -32,6 +32,9 @@ from .prototypes import roi_prototypes
 
 log = logging.getLogger("fmreg")
 
+#: Paper 002, Sec. 4.2: SAM's pred-iou-thresh and stability-score-thresh set to 0.90.
+PAPER_SCORE_THRESHOLD = 0.90
+
 
 @dataclass
 class RoiPair:
@@ -80,26 +83,31 @@ class SamRegOptions:
         min_area_frac, max_area_frac: ROI area bounds as fractions of the slice (paper: 200
             and 7000 px on 200×200).
         max_overlap: Overlap ratio above which the lower-scoring of two ROIs is dropped (0.8).
-        min_score, min_stability: Score thresholds (paper: pred-IoU and stability 0.90 for SAM).
+        min_score, min_stability: Score thresholds; None takes the segmenter's own
+            ``filter_thresholds`` (the classical scores live on another scale than SAM's) or
+            else the paper's 0.90 (pred-IoU and stability for SAM).
         threshold: Similarity threshold ε (paper default 0.8, Table 4).
         matching: ``"greedy"`` (paper), ``"optimal"`` (Hungarian) or ``"one_to_many"`` (Table 6).
         top_k: Keep only the K most similar pairs per slice (Table 3); None keeps all.
         slice_range: δs, moving slices searched around each fixed slice (3D, Table 5).
         max_shift_frac: Pairs whose centroids are further apart than this fraction of the
-            field of view are dropped: prototypes carry no position, so two similar
-            structures far apart (left and right lung) would otherwise pair up.
+            field of view are dropped: two similar structures far apart (left and right
+            lung) must not pair up, whatever the encoder's features say.
+        max_area_ratio: Pairs whose areas differ by more than this factor are dropped
+            (a cardiac ventricle changes its area up to about 2× between ED and ES).
     """
 
     min_area_frac: float = 200 / 40000
     max_area_frac: float = 7000 / 40000
     max_overlap: float = 0.8
-    min_score: float = 0.0
-    min_stability: float = 0.0
+    min_score: float | None = None
+    min_stability: float | None = None
     threshold: float = 0.8
     matching: str = "greedy"
     top_k: int | None = None
     slice_range: int = 1
     max_shift_frac: float = 0.2
+    max_area_ratio: float = 2.5
 
 
 @dataclass
@@ -124,20 +132,37 @@ def _lift(mask2d: Tensor, shape: Sequence[int], axis: int | None, index: int | N
     return out
 
 
+def _single_threaded(fn, *args):
+    """Run ``fn`` with one torch thread: per-slice classical work is made of many small ops
+    whose threading overhead exceeds their cost (measured: 20 ms vs ~1 s per slice)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(n)
+
+
 def _analyse(slices: list[Tensor], segmenter: Segmenter, encoder: Encoder, opt: SamRegOptions):
     """Filtered proposals and prototypes of every slice."""
+    own = getattr(segmenter, "filter_thresholds", {}) or {}
+    min_score = opt.min_score if opt.min_score is not None else own.get("min_score", PAPER_SCORE_THRESHOLD)
+    min_stability = (
+        opt.min_stability if opt.min_stability is not None else own.get("min_stability", PAPER_SCORE_THRESHOLD)
+    )
     out = []
     for img in slices:
-        props = segmenter.segment(img)
+        props = _single_threaded(segmenter.segment, img) if segmenter.name == "classical" else segmenter.segment(img)
         props = filter_proposals(
             props,
             min_area_frac=opt.min_area_frac,
             max_area_frac=opt.max_area_frac,
             max_overlap=opt.max_overlap,
-            min_score=opt.min_score,
-            min_stability=opt.min_stability,
+            min_score=min_score,
+            min_stability=min_stability,
         )
-        protos = roi_prototypes(encoder.features(img), props.masks) if len(props) else torch.zeros(0, 1)
+        feats = _single_threaded(encoder.features, img) if encoder.name == "classical" else encoder.features(img)
+        protos = roi_prototypes(feats, props.masks) if len(props) else torch.zeros(0, 1)
         out.append((props, protos))
     return out
 
@@ -203,9 +228,13 @@ def find_roi_pairs(
         mprotos = torch.cat([m_an[s2][1][i : i + 1] for s2, i in cand])
         mmasks = torch.stack([m_an[s2][0].masks[i] for s2, i in cand])
         sim = similarity_matrix(mprotos, fproto)  # (K_moving, K_fixed)
-        # Position gate: a pair must not move further than max_shift_frac of the field of view.
+        # Plausibility gates on position and size (see SamRegOptions).
         shift = torch.cdist(_centroids_mm_2d(mmasks, sp_m), _centroids_mm_2d(fp.masks, sp_f))
-        sim = torch.where(shift <= opt.max_shift_frac * fov, sim, torch.zeros_like(sim))
+        area_m = mmasks.flatten(1).sum(1).float() * float(np.prod(sp_m))
+        area_f = fp.masks.flatten(1).sum(1).float() * float(np.prod(sp_f))
+        ratio = torch.maximum(area_m[:, None] / area_f[None], area_f[None] / area_m[:, None])
+        plausible = (shift <= opt.max_shift_frac * fov) & (ratio <= opt.max_area_ratio)
+        sim = torch.where(plausible, sim, torch.zeros_like(sim))
         for match in match_rois(sim, threshold=opt.threshold, mode=opt.matching, top_k=opt.top_k):
             s2, i = cand[match.moving_index]
             pairs.append(

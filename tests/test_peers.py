@@ -171,7 +171,8 @@ def test_demons_field_is_what_sitk_warps_with():
     ddf.CopyInformation(to_sitk(fixed))
     tx = sitk.DisplacementFieldTransform(ddf)
     theirs = sitk.Resample(to_sitk(moving), to_sitk(fixed), tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    torch.testing.assert_close(warp(moving, field).data, torch.from_numpy(sitk.GetArrayFromImage(theirs)), atol=0.05, rtol=1e-3)
+    theirs = torch.from_numpy(sitk.GetArrayFromImage(theirs))
+    torch.testing.assert_close(warp(moving, field).data, theirs, atol=0.05, rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------- elastix
@@ -255,8 +256,9 @@ def test_ants_2d_recovers_shift_and_matches_apply_transforms(tmp_path):
     _check_recovers_shift(result.field, fixed, moving, shift, atol_mm=0.5, ratio=0.1)
 
     # ANTs' own resampler gives the same warped image.
-    theirs = ants.apply_transforms(fixed_ants, moving_ants, reg["fwdtransforms"], interpolator="linear").numpy().T
-    torch.testing.assert_close(warp(moving, field).data, torch.from_numpy(np.ascontiguousarray(theirs)).float(), atol=0.05, rtol=1e-3)
+    theirs = ants.apply_transforms(fixed_ants, moving_ants, reg["fwdtransforms"], interpolator="linear")
+    theirs = torch.from_numpy(np.ascontiguousarray(theirs.numpy().T)).float()
+    torch.testing.assert_close(warp(moving, field).data, theirs, atol=0.05, rtol=1e-3)
 
 
 @pytest.mark.slow

@@ -53,7 +53,9 @@ def grid_of_ants(img) -> Grid:
     )
 
 
-def field_from_transforms(ants, fixed_ants, moving_ants, transforms: list[str], grid: Grid, workdir: Path) -> DisplacementField:
+def field_from_transforms(
+    ants, fixed_ants, moving_ants, transforms: list[str], grid: Grid, workdir: Path
+) -> DisplacementField:
     """Compose ANTs transforms (applied as ``apply_transforms`` would) into one field on ``grid``."""
     path = ants.apply_transforms(
         fixed=fixed_ants, moving=moving_ants, transformlist=list(transforms), compose=str(workdir / "composed_")

@@ -88,7 +88,8 @@ class SamRegOptions:
             else the paper's 0.90 (pred-IoU and stability for SAM).
         threshold: Similarity threshold ε (paper default 0.8, Table 4).
         matching: ``"greedy"`` (paper), ``"optimal"`` (Hungarian) or ``"one_to_many"`` (Table 6).
-        top_k: Keep only the K most similar pairs per slice (Table 3); None keeps all.
+        top_k: Keep only the K most similar pairs per slice (Table 3: 5 is best); None
+            keeps all.
         slice_range: δs, moving slices searched around each fixed slice (3D, Table 5).
         max_shift_frac: Pairs whose centroids are further apart than this fraction of the
             field of view are dropped: two similar structures far apart (left and right
@@ -104,7 +105,7 @@ class SamRegOptions:
     min_stability: float | None = None
     threshold: float = 0.8
     matching: str = "greedy"
-    top_k: int | None = None
+    top_k: int | None = 5
     slice_range: int = 1
     max_shift_frac: float = 0.2
     max_area_ratio: float = 2.5
@@ -277,7 +278,9 @@ def fit_pairs(
         fm = torch.zeros((0, *fixed.grid.shape))
         mm = torch.zeros((0, *moving.grid.shape))
         w = None
-    u, report = fit_field(fixed.grid, fm, mm, moving.grid, fit_options, fixed.data, moving.data, w)
+    sliced = [p.fixed_slice is not None for p in pairs]
+    slice_axis = through_plane_axis(fixed.grid) if pairs and all(sliced) else None
+    u, report = fit_field(fixed.grid, fm, mm, moving.grid, fit_options, fixed.data, moving.data, w, slice_axis)
     return u, asdict(report)
 
 

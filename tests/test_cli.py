@@ -368,6 +368,10 @@ def test_warp_cli_reproduces_the_registered_outputs(data, tmp_path):
     got = read_image(wl, label=True).data
     assert got.dtype == torch.int64
     assert torch.equal(got, warp_labels(read_image(files["moving_labels"], label=True), read_field(ddf)).data)
+    ws = tmp_path / "ws.nii.gz"
+    assert main(["warp", str(files["moving_labels"]), str(ddf), "-r", str(files["fixed"]), "-o", str(ws), "--labels", "--smooth", "-q"]) == 0
+    smooth = warp_labels(read_image(files["moving_labels"], label=True), read_field(ddf), smooth=True).data
+    assert torch.equal(read_image(ws, label=True).data, smooth)
     # The registration's own field reproduces warped.nii.gz.
     w2 = tmp_path / "w2.nii.gz"
     assert main(["warp", str(files["moving"]), str(out / "ddf.nii.gz"), "-r", str(files["fixed"]), "-o", str(w2), "-q"]) == 0

@@ -149,12 +149,13 @@ class Warp(Command):
     reference: Path = arg("-r", "--reference", help="the fixed image (grid of the field)", type=Path, required=True)
     output: Path = arg("-o", "--output", help="output file (.nii.gz, or .png for 2D)", type=Path, required=True)
     labels: bool = arg("--labels", help="MOVING is a label map: nearest neighbour, values kept", default=False, action="store_true")
+    smooth: bool = arg("--smooth", help="with --labels: per-label linear interpolation, each voxel takes the label of largest weight (smoother boundaries)", default=False, action="store_true")
     overwrite: bool = arg("--overwrite", help="replace an existing file in an input's folder", default=False, action="store_true")
 
     def run(self) -> int:
         from .runner import warp_file
 
-        out = warp_file(self.moving, self.ddf, self.reference, self.output, labels=self.labels, overwrite=self.overwrite, log=self.log)
+        out = warp_file(self.moving, self.ddf, self.reference, self.output, labels=self.labels, smooth=self.smooth, overwrite=self.overwrite, log=self.log)
         print(out)
         return 0
 

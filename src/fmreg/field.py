@@ -143,7 +143,8 @@ def warp_labels(moving_labels: Image, field: DisplacementField, smooth: bool = F
     """
     if not smooth:
         return warp(moving_labels, field, mode="nearest")
-    values = torch.unique(moving_labels.data)
+    # np.unique: torch.unique is ~500× slower on CPU for label volumes.
+    values = torch.from_numpy(np.unique(moving_labels.data.numpy()))
     pts = field.mapped_points(Frame.PHYSICAL)
     onehot = torch.stack([(moving_labels.data == v).float() for v in values])
     weights = sample(onehot, moving_labels.grid, pts, mode="linear", fill=None)

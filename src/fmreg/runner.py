@@ -750,6 +750,7 @@ def warp_file(
     reference: str | os.PathLike,
     output: str | os.PathLike,
     labels: bool = False,
+    smooth: bool = False,
     overwrite: bool = False,
     log: Log = stderr_log,
 ) -> Path:
@@ -761,6 +762,7 @@ def warp_file(
         reference: Image whose grid the field lies on (the fixed image).
         output: Output file (format by extension; PNG for 2D pictures).
         labels: Treat ``moving`` as a label map: nearest neighbour, integer values kept.
+        smooth: With ``labels``: the per-label smooth warp of :func:`fmreg.field.warp_labels`.
         overwrite: Allow replacing an existing file in an input's folder.
 
     Returns:
@@ -784,7 +786,9 @@ def warp_file(
     # The field's grid is the reference's (checked); use the reference's exact geometry.
     fld = DisplacementField(fld.data, ref.grid, fld.frame)
     log("warping …")
-    out = warp_labels(mov, fld) if labels else warp(mov, fld)
+    if smooth and not labels:
+        raise FmregError("--smooth applies to label maps: add --labels")
+    out = warp_labels(mov, fld, smooth=smooth) if labels else warp(mov, fld)
     with Staging(output.parent) as staging:
         write_image(out, staging.path(output.name))
     log(f"wrote {output}")

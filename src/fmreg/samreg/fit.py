@@ -34,6 +34,9 @@ from ..grid import Frame, Grid
 
 log = logging.getLogger("fmreg")
 
+#: Stages with fewer voxels × warped channels than this run on one torch thread.
+SINGLE_THREAD_WORK = 200_000
+
 
 @dataclass
 class FitOptions:
@@ -60,6 +63,12 @@ class FitOptions:
             for same-modality pairs).
         lncc_window_mm: LNCC window edge in mm (per axis at least 3 voxels).
         squaring_steps: Scaling-and-squaring steps.
+        affine_iterations: Steps of an affine stage (coarsest level, same terms as the first
+            deformable stage) run before the deformable ones, as ANTs and elastix do: inter-
+            subject pairs need a global transform that a smooth velocity field reaches only
+            slowly. 0 turns it off. The affine part is composed after the deformable one,
+            ``T = A ∘ exp(v)``, and folds nothing as long as ``det A > 0``.
+        affine_lr: Adam step size of the affine parameters (normalized units).
         max_fit_voxels: Levels with more voxels than this are not optimised (the last
             optimised level's velocity is still integrated on the full grid): the finest
             level of a 3D volume costs most and adds least.
@@ -83,7 +92,9 @@ class FitOptions:
     lncc_window_mm: float = 9.0
     squaring_steps: int = 7
     verify_dice: float | None = 0.7
-    refine_iterations: int = 30
+    affine_iterations: int = 60
+    affine_lr: float = 0.005
+    refine_iterations: int = 15
     max_fit_voxels: int = 250_000
 
     def to_dict(self) -> dict:
@@ -192,6 +203,7 @@ class FitReport:
 
     levels: list[dict] = field(default_factory=list)
     kept_pairs: list[int] | None = None
+    affine: dict | None = None
 
 
 def fit_field(
@@ -254,107 +266,137 @@ def fit_field(
     active = [lv for lv, g in enumerate(grids) if lv == 0 or g.numel <= opt.max_fit_voxels]
     # Stages (level, iterations, ROI term on). With verification the whole pyramid first fits
     # the images alone; the pairs it confirms then refine the finest optimised level.
-    stages = [(lv, iters[lv], k > 0 and not verify) for lv in active]
+    stages = [(lv, iters[lv], k > 0 and not verify, False) for lv in active]
     if verify:
-        stages.append((active[-1], opt.refine_iterations, True))
+        stages.append((active[-1], opt.refine_iterations, True, False))
+    if opt.affine_iterations > 0:
+        stages.insert(0, (active[0], opt.affine_iterations, k > 0 and not verify, True))
+    # T = A ∘ exp(v) in the fixed grid's normalized frame (the same frame at every level).
+    a_mat = torch.eye(ndim)
+    a_off = torch.zeros(ndim)
 
-    for stage, (level, n_iter, roi_on) in enumerate(stages):
-        grid = grids[level]
-        pts = grid.coordinates(Frame.PHYSICAL)
-        fm = _resize(fixed_masks.float(), grid.shape) if k else None
-        # Moving data on this level's grid, via world coordinates (identity transform).
-        mm = sample(moving_masks.float(), moving_grid, pts, fill=0.0) if k else None
-        support = None
-        if k and slice_axis is not None:
-            ax = slice_axis + 1
-            mm = mm.amax(dim=ax, keepdim=True).expand_as(mm).contiguous()
-            in_plane = tuple(d for d in range(1, ndim + 1) if d != ax)
-            support = (fm.amax(dim=in_plane, keepdim=True) > 0.01).float().expand_as(fm)
-        fi = _resize(fixed_image_n[None], grid.shape)[0] if use_image else None
-        mi = sample(moving_image_n, moving_grid, pts, fill=0.0) if use_image else None
-        window = [max(3, int(round(opt.lncc_window_mm / sp)) | 1) for sp in grid.spacing_array]
+    n_threads = torch.get_num_threads()
+    try:
+        for stage, (level, n_iter, roi_on, affine_stage) in enumerate(stages):
+            grid = grids[level]
+            # Small levels are dominated by per-op overhead, which extra threads only add to
+            # (measured on ACDC: 6.1 s with one thread vs 8.7 s with two for the image fit).
+            work = grid.numel * (1 + (k if roi_on else 0))
+            torch.set_num_threads(1 if work < SINGLE_THREAD_WORK else n_threads)
+            pts = grid.coordinates(Frame.PHYSICAL)
+            fm = _resize(fixed_masks.float(), grid.shape) if k else None
+            # Moving data on this level's grid, via world coordinates (identity transform).
+            mm = sample(moving_masks.float(), moving_grid, pts, fill=0.0) if k else None
+            support = None
+            if k and slice_axis is not None:
+                ax = slice_axis + 1
+                mm = mm.amax(dim=ax, keepdim=True).expand_as(mm).contiguous()
+                in_plane = tuple(d for d in range(1, ndim + 1) if d != ax)
+                support = (fm.amax(dim=in_plane, keepdim=True) > 0.01).float().expand_as(fm)
+            fi = _resize(fixed_image_n[None], grid.shape)[0] if use_image else None
+            mi = sample(moving_image_n, moving_grid, pts, fill=0.0) if use_image else None
+            window = [max(3, int(round(opt.lncc_window_mm / sp)) | 1) for sp in grid.spacing_array]
 
-        ctrl_shape = [
-            n if sp * (n - 1) < 2 * opt.control_spacing else max(2, int(math.ceil(sp * (n - 1) / opt.control_spacing)) + 1)
-            for n, sp in zip(grid.shape, grid.spacing_array)
-        ]
-        ctrl_grid = grid.resized(ctrl_shape)
-        # Integrate on the control grid (cheap) and interpolate the displacement to the level
-        # grid: the integration is where the cost is, the interpolation keeps it smooth.
-        m_ctrl = _phys_to_norm_matrix(ctrl_grid)
-        ident_ctrl = _identity_norm(ctrl_shape)
-        ident = _identity_norm(grid.shape)
-        if k and opt.centroid_weight > 0:
-            c_fixed = _centroids_norm(fm)  # (K, ndim) normalized, this level's grid
-            c_moving = _centroids_norm(mm)
-            to_mm = torch.linalg.inv(_phys_to_norm_matrix(grid))
+            ctrl_shape = [
+                n if sp * (n - 1) < 2 * opt.control_spacing else max(2, int(math.ceil(sp * (n - 1) / opt.control_spacing)) + 1)
+                for n, sp in zip(grid.shape, grid.spacing_array)
+            ]
+            ctrl_grid = grid.resized(ctrl_shape)
+            # Integrate on the control grid (cheap) and interpolate the displacement to the level
+            # grid: the integration is where the cost is, the interpolation keeps it smooth.
+            m_ctrl = _phys_to_norm_matrix(ctrl_grid)
+            ident_ctrl = _identity_norm(ctrl_shape)
+            ident = _identity_norm(grid.shape)
+            if k and opt.centroid_weight > 0:
+                c_fixed = _centroids_norm(fm)  # (K, ndim) normalized, this level's grid
+                c_moving = _centroids_norm(mm)
+                to_mm = torch.linalg.inv(_phys_to_norm_matrix(grid))
 
-        def locations(v: Tensor) -> Tensor:
-            return ident + _upsample_disp(scaling_and_squaring(_to_norm(v, m_ctrl), ident_ctrl, opt.squaring_steps), grid.shape)
+            def locations(v: Tensor, a_mat: Tensor, a_off: Tensor) -> Tensor:
+                pts = ident + _upsample_disp(scaling_and_squaring(_to_norm(v, m_ctrl), ident_ctrl, opt.squaring_steps), grid.shape)
+                return pts @ a_mat.T + a_off
 
-        if v_phys is None:
-            init = torch.zeros((ndim, *ctrl_shape))
-        else:
-            init = _resize(v_phys.detach(), ctrl_shape)
-        if roi_on and verify:
-            with torch.no_grad():
-                wm = _warp(mm, locations(init))
-                wm = wm if support is None else wm * support
-                dice = 2 * (wm * fm).sum(dim=dims) / (wm.sum(dim=dims) + fm.sum(dim=dims)).clamp_min(1e-6)
-            keep = dice >= opt.verify_dice
-            report.kept_pairs = [int(i) for i in torch.nonzero(keep).flatten()]
-            weights = torch.where(keep, weights, torch.zeros_like(weights))
-            weights = weights / weights.sum().clamp_min(1e-6)
-            log.info("fit: %d of %d ROI pairs agree with the image fit (Dice >= %.2f)", int(keep.sum()), k, opt.verify_dice)
-            if not bool(keep.any()):
-                break
-        v = init.clone().requires_grad_(True)
-        optim = torch.optim.Adam([v], lr=opt.lr)
-        last = {}
-        for _ in range(n_iter):
-            optim.zero_grad(set_to_none=True)
-            loc = locations(v)
-            loss = opt.reg_weight * gradient_penalty(v, ctrl_grid.spacing_array)
-            terms = {"reg": float(loss.detach())}
-            if roi_on:
-                wm = _warp(mm, loc)
-                wm = wm if support is None else wm * support
-                mse = ((wm - fm) ** 2).mean(dim=dims)
-                inter = (wm * fm).sum(dim=dims)
-                dice = 2 * inter / (wm.sum(dim=dims) + fm.sum(dim=dims)).clamp_min(1e-6)
-                roi = (weights * (opt.mse_weight * mse * _mse_scale(fm) + opt.dice_weight * (1 - dice))).sum()
-                loss = loss + roi
-                terms["roi"] = float(roi.detach())
-                terms["dice"] = float((weights * dice).sum().detach())
-                if opt.centroid_weight > 0:
-                    mapped = _sample_vec(loc, c_fixed.reshape(1, -1, *([1] * (ndim - 1)), ndim)).reshape(-1, ndim)
-                    err_mm = (mapped - c_moving) @ to_mm.T
-                    cen = (weights * (err_mm**2).sum(dim=1)).sum() / 100.0
-                    loss = loss + opt.centroid_weight * cen
-                    terms["centroid_mm2"] = float((weights * (err_mm**2).sum(dim=1)).sum().detach())
-            if use_image:
-                wi = _warp(mi[None], loc)[0]
-                if opt.image_metric == "mse":
-                    dis = ((fi - wi) ** 2).mean() * 10.0  # ×10: ~the scale of 1 − LNCC
-                    terms["mse"] = float(dis.detach())
-                else:
-                    dis = 1 - lncc(fi, wi, window)
-                    terms["lncc"] = float(1 - dis.detach())
-                loss = loss + opt.image_weight * dis
-            loss.backward()
-            optim.step()
-            last = terms
-        v_phys = v.detach()
-        report.levels.append({"shape": list(grid.shape), "control_shape": ctrl_shape, "iterations": n_iter, "roi": roi_on, **last})
-        log.info("fit stage %d/%d %s%s: %s", stage + 1, len(stages), "×".join(map(str, grid.shape)),
-                 " +ROI" if roi_on else "", ", ".join(f"{a}={b:.4f}" for a, b in last.items()))
+            if v_phys is None:
+                init = torch.zeros((ndim, *ctrl_shape))
+            else:
+                init = _resize(v_phys.detach(), ctrl_shape)
+            if roi_on and verify:
+                with torch.no_grad():
+                    wm = _warp(mm, locations(init, a_mat, a_off))
+                    wm = wm if support is None else wm * support
+                    dice = 2 * (wm * fm).sum(dim=dims) / (wm.sum(dim=dims) + fm.sum(dim=dims)).clamp_min(1e-6)
+                keep = dice >= opt.verify_dice
+                report.kept_pairs = [int(i) for i in torch.nonzero(keep).flatten()]
+                weights = torch.where(keep, weights, torch.zeros_like(weights))
+                weights = weights / weights.sum().clamp_min(1e-6)
+                log.info("fit: %d of %d ROI pairs agree with the image fit (Dice >= %.2f)", int(keep.sum()), k, opt.verify_dice)
+                if not bool(keep.any()):
+                    break
+            if affine_stage:
+                v = init
+                a_mat, a_off = a_mat.clone().requires_grad_(True), a_off.clone().requires_grad_(True)
+                optim = torch.optim.Adam([a_mat, a_off], lr=opt.affine_lr)
+            else:
+                v = init.clone().requires_grad_(True)
+                a_mat, a_off = a_mat.detach(), a_off.detach()
+                optim = torch.optim.Adam([v], lr=opt.lr)
+            last = {}
+            for _ in range(n_iter):
+                optim.zero_grad(set_to_none=True)
+                loc = locations(v, a_mat, a_off)
+                loss = opt.reg_weight * gradient_penalty(v, ctrl_grid.spacing_array) if not affine_stage else v.new_zeros(())
+                terms = {"reg": float(loss.detach())}
+                if roi_on:
+                    wm = _warp(mm, loc)
+                    wm = wm if support is None else wm * support
+                    mse = ((wm - fm) ** 2).mean(dim=dims)
+                    inter = (wm * fm).sum(dim=dims)
+                    dice = 2 * inter / (wm.sum(dim=dims) + fm.sum(dim=dims)).clamp_min(1e-6)
+                    roi = (weights * (opt.mse_weight * mse * _mse_scale(fm) + opt.dice_weight * (1 - dice))).sum()
+                    loss = loss + roi
+                    terms["roi"] = float(roi.detach())
+                    terms["dice"] = float((weights * dice).sum().detach())
+                    if opt.centroid_weight > 0:
+                        mapped = _sample_vec(loc, c_fixed.reshape(1, -1, *([1] * (ndim - 1)), ndim)).reshape(-1, ndim)
+                        err_mm = (mapped - c_moving) @ to_mm.T
+                        cen = (weights * (err_mm**2).sum(dim=1)).sum() / 100.0
+                        loss = loss + opt.centroid_weight * cen
+                        terms["centroid_mm2"] = float((weights * (err_mm**2).sum(dim=1)).sum().detach())
+                if use_image:
+                    wi = _warp(mi[None], loc)[0]
+                    if opt.image_metric == "mse":
+                        dis = ((fi - wi) ** 2).mean() * 10.0  # ×10: ~the scale of 1 − LNCC
+                        terms["mse"] = float(dis.detach())
+                    else:
+                        dis = 1 - lncc(fi, wi, window)
+                        terms["lncc"] = float(1 - dis.detach())
+                    loss = loss + opt.image_weight * dis
+                loss.backward()
+                optim.step()
+                last = terms
+            if affine_stage:
+                a_mat, a_off = a_mat.detach(), a_off.detach()
+                if float(torch.linalg.det(a_mat)) <= 0:
+                    log.warning("fit: the affine stage flipped the image; it is discarded")
+                    a_mat, a_off = torch.eye(ndim), torch.zeros(ndim)
+                report.affine = {"matrix_normalized": a_mat.tolist(), "offset_normalized": a_off.tolist()}
+            else:
+                v_phys = v.detach()
+            kind = "affine" if affine_stage else ("deformable +ROI" if roi_on else "deformable")
+            report.levels.append({"shape": list(grid.shape), "control_shape": ctrl_shape, "iterations": n_iter, "stage": kind, **last})
+            log.info("fit stage %d/%d %s %s: %s", stage + 1, len(stages), "×".join(map(str, grid.shape)), kind,
+                     ", ".join(f"{a}={b:.4f}" for a, b in last.items()))
+    finally:
+        torch.set_num_threads(n_threads)
 
-    assert v_phys is not None
+    if v_phys is None:  # only an affine stage ran
+        v_phys = torch.zeros((ndim, *[2] * ndim))
     # Same integration as in the last level, evaluated on the full fixed grid.
     ctrl_grid = fixed_grid.resized(v_phys.shape[1:])
     with torch.no_grad():
         u_ctrl = scaling_and_squaring(_to_norm(v_phys, _phys_to_norm_matrix(ctrl_grid)), _identity_norm(ctrl_grid.shape), opt.squaring_steps)
-        u_norm = _upsample_disp(u_ctrl, fixed_grid.shape)
+        ident_full = _identity_norm(fixed_grid.shape)
+        u_norm = (ident_full + _upsample_disp(u_ctrl, fixed_grid.shape)) @ a_mat.T + a_off - ident_full
     u_field = DisplacementField(u_norm[0].movedim(-1, 0).contiguous(), fixed_grid, Frame.NORMALIZED)
     return u_field.to(Frame.PHYSICAL), report
 

@@ -105,8 +105,13 @@ class SamRegLabelsMethod:
     name = "samreg-labels"
     uses_labels = True
 
+    #: Case 1 trusts its pairs: the paper's equal-weight MSE + Dice and no verification; the
+    #: image term stays on to place everything the labels do not cover. Measured on ACDC 068:
+    #: mean Dice 0.893 with these, 0.845 without the image term (which also folds 0.1 %).
+    DEFAULTS = {"mse_weight": 1.0, "dice_weight": 1.0, "verify_dice": None, "reg_weight": 0.1, "affine_iterations": 0}
+
     def __init__(self, **params: Any) -> None:
-        self.roi_options, self.fit_options, rest = _split_params(params)
+        self.roi_options, self.fit_options, rest = _split_params({**self.DEFAULTS, **params})
         if rest:
             raise FmregError(f"unknown samreg-labels parameter(s) {sorted(rest)}")
 

@@ -419,6 +419,25 @@ def test_samreg_with_the_sam_backend_runs_end_to_end(tiny_sam_dir):
     assert {"segment_embed", "match", "fit"} <= set(r.info["stage_seconds"])
 
 
+def test_sam_options_reach_the_backend_and_bad_ones_are_user_errors(tiny_sam_dir):
+    fixed, _ = _smooth_pair()
+    # With SAM's own thresholds at 0 the random model yields masks, so identical images pair up.
+    method = get_method(
+        "samreg-sam", model=str(tiny_sam_dir), sam_points_per_side=4, sam_pred_iou_thresh=0.0,
+        sam_stability_score_thresh=0.0, sam_progress=False, min_score=0.0, min_stability=0.0,
+        min_area_frac=0.0, max_area_frac=1.0, levels=2, iterations=(5, 5), refine_iterations=2,
+    )
+    r = method.register(fixed, fixed)
+    assert r.parameters["sam"]["points_per_side"] == 4
+    assert r.parameters["sam"]["pred_iou_thresh"] == 0.0
+    assert len(r.info["roi_pairs"]) > 0
+    assert all(p["similarity"] > 0.99 for p in r.info["roi_pairs"])
+    # Unspecified SAM options take the paper's 0.90 thresholds.
+    assert get_method("samreg-sam", model="x").parameters()["sam"]["stability_score_thresh"] == 0.90
+    with pytest.raises(FmregError, match="sam_bogus"):
+        get_method("samreg-sam", model=str(tiny_sam_dir), sam_bogus=1).register(fixed, fixed)
+
+
 def test_samreg_sam_without_a_model_is_a_user_error(monkeypatch):
     monkeypatch.delenv("FMREG_SAM_MODEL", raising=False)
     fixed, moving = _smooth_pair()

@@ -2,7 +2,8 @@
 
 * ``samreg``: classical segment-everything + classical encoder; needs no weights.
 * ``samreg-sam``: Segment Anything (transformers ``SamModel``) for both ROIs and prototypes;
-  the model folder comes from ``model=PATH`` or the ``FMREG_SAM_MODEL`` environment variable.
+  the model folder comes from ``model=PATH`` or the ``FMREG_SAM_MODEL`` environment variable;
+  ``sam_<option>=value`` sets a :class:`fmreg.samreg.sam.SamBackend` option.
 * ``samreg-labels``: the paper's Case 1, pairs taken from the label maps: an upper bound that
   sees the ground truth, hence its own name.
 
@@ -33,7 +34,11 @@ def _split_params(params: dict[str, Any]) -> tuple[SamRegOptions, FitOptions, di
     return SamRegOptions(**roi), FitOptions(**fit), rest
 
 
-def _make_backend(kind: str, model: str | None, role: str, cache: dict):
+#: Paper 002, Sec. 4.2: SAM's pred-iou-thresh and stability-score-thresh set to 0.90.
+SAM_DEFAULTS = {"pred_iou_thresh": 0.90, "stability_score_thresh": 0.90}
+
+
+def _make_backend(kind: str, model: str | None, role: str, cache: dict, sam_options: dict | None = None):
     if kind == "classical":
         from ..samreg.classical import ClassicalEncoder, ClassicalSegmenter
 
@@ -48,7 +53,14 @@ def _make_backend(kind: str, model: str | None, role: str, cache: dict):
                     "the sam backend needs a Segment Anything model folder: pass --param model=PATH "
                     "or set FMREG_SAM_MODEL (e.g. a local copy of facebook/sam-vit-base)"
                 )
-            cache["sam"] = SamBackend(path)
+            import inspect
+
+            allowed = set(inspect.signature(SamBackend).parameters) - {"model"}
+            unknown = sorted(set(sam_options or {}) - allowed)
+            if unknown:
+                raise FmregError(f"unknown SAM option(s) {['sam_' + u for u in unknown]}: known are "
+                                 f"{', '.join('sam_' + a for a in sorted(allowed))}")
+            cache["sam"] = SamBackend(path, **{**SAM_DEFAULTS, **(sam_options or {})})
         return cache["sam"]
     raise FmregError(f"unknown {role} '{kind}': choose classical or sam")
 
@@ -61,6 +73,8 @@ class SamRegMethod:
     def __init__(self, name: str = "samreg", segmenter: str = "classical", encoder: str | None = None,
                  model: str | None = None, **params: Any) -> None:
         self.name = name
+        # sam_<option>=value reaches SamBackend (e.g. sam_points_per_side=16).
+        self.sam_options = {k[4:]: params.pop(k) for k in list(params) if k.startswith("sam_")}
         self.roi_options, self.fit_options, rest = _split_params(params)
         if rest:
             known = sorted(_ROI_KEYS | _FIT_KEYS | {"segmenter", "encoder", "model"})
@@ -74,14 +88,15 @@ class SamRegMethod:
             "segmenter": self.segmenter_kind,
             "encoder": self.encoder_kind,
             **({"model": str(self.model)} if self.model else {}),
+            **({"sam": {**SAM_DEFAULTS, **self.sam_options}} if "sam" in (self.segmenter_kind, self.encoder_kind) else {}),
             "roi": asdict(self.roi_options),
             "fit": self.fit_options.to_dict(),
         }
 
     def register(self, fixed: Image, moving: Image, fixed_labels=None, moving_labels=None) -> RegistrationResult:
         cache: dict = {}
-        seg = _make_backend(self.segmenter_kind, self.model, "segmenter", cache)
-        enc = _make_backend(self.encoder_kind, self.model, "encoder", cache)
+        seg = _make_backend(self.segmenter_kind, self.model, "segmenter", cache, self.sam_options)
+        enc = _make_backend(self.encoder_kind, self.model, "encoder", cache, self.sam_options)
         out = samreg(fixed, moving, seg, enc, self.roi_options, self.fit_options)
         return _result(self.name, self.parameters(), fixed, moving, out.field, out.pairs, out.timings, out.fit_report)
 

@@ -60,13 +60,15 @@ class FitOptions:
             independent segmentations.
         image_metric: ``"lncc"`` (local normalised cross-correlation, any monotone intensity
             relation) or ``"mse"`` (intensities normalised to [0, 1] by robust percentiles;
-            for same-modality pairs).
+            for same-modality pairs: the default, measured on ``../shared/data``: ACDC 068
+            0.818 vs 0.763 mean Dice, 2D pairs 0.78 vs 0.72).
         lncc_window_mm: LNCC window edge in mm (per axis at least 3 voxels).
         squaring_steps: Scaling-and-squaring steps.
         affine_iterations: Steps of an affine stage (coarsest level, same terms as the first
             deformable stage) run before the deformable ones, as ANTs and elastix do: inter-
             subject pairs need a global transform that a smooth velocity field reaches only
-            slowly. 0 turns it off. The affine part is composed after the deformable one,
+            slowly. 0 (the default) turns it off: with the MSE term it moved the abdomen CT
+            kidneys away (Dice 0.43 → 0.03) and helped nowhere on ``../shared/data``. The affine part is composed after the deformable one,
             ``T = A ∘ exp(v)``, and folds nothing as long as ``det A > 0``.
         affine_lr: Adam step size of the affine parameters (normalized units).
         max_fit_voxels: Levels with more voxels than this are not optimised (the last
@@ -83,16 +85,16 @@ class FitOptions:
     iterations: Sequence[int] | int = (60, 40, 30, 20)
     lr: float = 1.0
     control_spacing: float = 7.0
-    reg_weight: float = 0.05
+    reg_weight: float = 0.15
     mse_weight: float = 0.1
     dice_weight: float = 0.1
     image_weight: float = 0.5
-    image_metric: str = "lncc"
+    image_metric: str = "mse"
     centroid_weight: float = 0.0
     lncc_window_mm: float = 9.0
     squaring_steps: int = 7
     verify_dice: float | None = 0.7
-    affine_iterations: int = 60
+    affine_iterations: int = 0
     affine_lr: float = 0.005
     refine_iterations: int = 15
     max_fit_voxels: int = 250_000

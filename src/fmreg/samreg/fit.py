@@ -67,10 +67,12 @@ class FitOptions:
         affine_iterations: Steps of an affine stage (coarsest level, same terms as the first
             deformable stage) run before the deformable ones, as ANTs and elastix do: inter-
             subject pairs need a global transform that a smooth velocity field reaches only
-            slowly. 0 (the default) turns it off: with the MSE term it moved the abdomen CT
-            kidneys away (Dice 0.43 → 0.03) and helped nowhere on ``../shared/data``. The affine part is composed after the deformable one,
-            ``T = A ∘ exp(v)``, and folds nothing as long as ``det A > 0``.
+            slowly. 0 (the default) turns it off. Measured on ``../shared/data`` (100 steps,
+            LNCC): abdomen CT 0.48 → 0.55 mean Dice, but lung CT 0.92 → 0.89 with 0.15 %
+            folding on one pair; with MSE it moved the abdomen kidneys away (0.43 → 0.03).
         affine_lr: Adam step size of the affine parameters (normalized units).
+        affine_metric: Image term of the affine stage (None: ``image_metric``); LNCC is the
+            robust choice for a global transform between subjects.
         max_fit_voxels: Levels with more voxels than this are not optimised (the last
             optimised level's velocity is still integrated on the full grid): the finest
             level of a 3D volume costs most and adds least.
@@ -96,6 +98,7 @@ class FitOptions:
     verify_dice: float | None = 0.7
     affine_iterations: int = 0
     affine_lr: float = 0.005
+    affine_metric: str | None = "lncc"
     refine_iterations: int = 15
     max_fit_voxels: int = 250_000
 
@@ -245,8 +248,9 @@ def fit_field(
     if moving_masks.shape[0] != k:
         raise FmregError(f"{k} fixed ROI masks but {moving_masks.shape[0]} moving ones")
     use_image = opt.image_weight > 0 and fixed_image is not None and moving_image is not None
-    if opt.image_metric not in ("lncc", "mse"):
-        raise FmregError(f"unknown image_metric '{opt.image_metric}': choose lncc or mse")
+    for name, value in (("image_metric", opt.image_metric), ("affine_metric", opt.affine_metric or opt.image_metric)):
+        if value not in ("lncc", "mse"):
+            raise FmregError(f"unknown {name} '{value}': choose lncc or mse")
     if k == 0 and not use_image:
         log.warning("no ROI pairs and no image term: returning the identity")
         return DisplacementField.identity(fixed_grid), FitReport()
@@ -366,7 +370,8 @@ def fit_field(
                         terms["centroid_mm2"] = float((weights * (err_mm**2).sum(dim=1)).sum().detach())
                 if use_image:
                     wi = _warp(mi[None], loc)[0]
-                    if opt.image_metric == "mse":
+                    metric = (opt.affine_metric or opt.image_metric) if affine_stage else opt.image_metric
+                    if metric == "mse":
                         dis = ((fi - wi) ** 2).mean() * 10.0  # ×10: ~the scale of 1 − LNCC
                         terms["mse"] = float(dis.detach())
                     else:

@@ -35,14 +35,9 @@ from fmreg.samreg.fit import (
 ROI_ONLY = dict(image_weight=0.0, verify_dice=None, reg_weight=0.5, lr=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These problems are tiny: thread start-up and contention with other processes cost
-    # more than the work (measured 0.15 s on one thread vs 0.6-8 s on two for one fit).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny problems: thread start-up and contention cost more than the work (measured 0.15 s
+# on one thread vs 0.6-8 s on two for one fit); the fixture lives in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------- helpers

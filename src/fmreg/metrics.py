@@ -235,6 +235,16 @@ def surface_distances(
     return torch.from_numpy(d[0]), torch.from_numpy(d[1])
 
 
+def _distance_metric(pred_mask, target_mask, grid: Grid, reduce, what: str) -> float:
+    """``reduce`` of both directed surface-distance sets; NaN (with a warning) if a mask is empty."""
+    pred, target = _prepare_masks(pred_mask, target_mask, grid)
+    d = _surface_distances_np(pred, target, grid)
+    if d is None:
+        _warn(f"a mask is empty: its {what} is NaN")
+        return math.nan
+    return reduce(d)
+
+
 def _hd_from(d: tuple[np.ndarray, np.ndarray], percentile: float) -> float:
     return float(max(np.percentile(x, percentile) for x in d))
 
@@ -272,12 +282,7 @@ def hausdorff_distance(
         empty.
     """
     percentile = _check_percentile(percentile)
-    pred, target = _prepare_masks(pred_mask, target_mask, grid)
-    d = _surface_distances_np(pred, target, grid)
-    if d is None:
-        _warn("a mask is empty: its Hausdorff distance is NaN")
-        return math.nan
-    return _hd_from(d, percentile)
+    return _distance_metric(pred_mask, target_mask, grid, lambda d: _hd_from(d, percentile), "Hausdorff distance")
 
 
 def hd95(pred_mask: Tensor, target_mask: Tensor, grid: Grid) -> float:
@@ -287,12 +292,7 @@ def hd95(pred_mask: Tensor, target_mask: Tensor, grid: Grid) -> float:
         Distance in mm (grid units); NaN, with a :class:`RuntimeWarning`, when either mask is
         empty.
     """
-    pred, target = _prepare_masks(pred_mask, target_mask, grid)
-    d = _surface_distances_np(pred, target, grid)
-    if d is None:
-        _warn("a mask is empty: its HD95 is NaN")
-        return math.nan
-    return _hd_from(d, 95.0)
+    return _distance_metric(pred_mask, target_mask, grid, lambda d: _hd_from(d, 95.0), "HD95")
 
 
 def average_surface_distance(pred_mask: Tensor, target_mask: Tensor, grid: Grid) -> float:
@@ -311,12 +311,7 @@ def average_surface_distance(pred_mask: Tensor, target_mask: Tensor, grid: Grid)
         Distance in mm (grid units); NaN, with a :class:`RuntimeWarning`, when either mask is
         empty.
     """
-    pred, target = _prepare_masks(pred_mask, target_mask, grid)
-    d = _surface_distances_np(pred, target, grid)
-    if d is None:
-        _warn("a mask is empty: its average surface distance is NaN")
-        return math.nan
-    return _asd_from(d)
+    return _distance_metric(pred_mask, target_mask, grid, _asd_from, "average surface distance")
 
 
 # ---------------------------------------------------------------------------- TRE

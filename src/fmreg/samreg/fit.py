@@ -2,18 +2,22 @@
 
 The fit minimises, over a stationary velocity field ``v`` (physical mm, world axes),
 
-    L(v) = mean_k [ w_mse · MSE(M_k^fixed, M_k^moving ∘ T) + w_dice · (1 − Dice(·, ·)) ]
-           + w_image · (1 − LNCC(I^fixed, I^moving ∘ T))
+    L(v) = Σ_k w_k [ w_mse · MSE(M_k^fixed, M_k^moving ∘ T) + w_dice · (1 − Dice(·, ·)) ]
+           + w_image · D(I^fixed, I^moving ∘ T)        (D: MSE or 1 − LNCC)
            + λ · mean ‖∇v‖²  (mm/mm, physical derivatives)
 
-with ``T = exp(v)`` computed by scaling and squaring, so the result is a diffeomorphism on
-the grid (no folding up to interpolation error). The paper uses equal-weight MSE + Dice and
-the L2 norm of the field gradient; the image term is fmreg's optional hybrid.
+with ``T = exp(v)`` computed by scaling and squaring on a control grid, so the result is a
+diffeomorphism up to interpolation error, optionally preceded by an affine stage. The pair
+weights ``w_k`` (match similarities) sum to one, so ``λ`` keeps its meaning whatever the
+number of pairs (the paper writes a plain sum). The paper uses equal-weight MSE + Dice and the
+L2 norm of the field gradient; the image term is fmreg's hybrid.
+
+Stages: with the image term on and ``verify_dice`` set (the default), the pyramid first fits
+the images alone, the pairs whose Dice under that transform is too low are dropped, and the
+rest refine the finest optimised level. Otherwise every stage uses every pair (the paper).
 
 Everything runs on the fixed grid: moving masks and the moving image are first resampled
 onto each level's grid (identity transform, world coordinates), then warped by ``T``.
-The mean over pairs (the paper writes a sum) keeps ``λ`` meaningful whatever the number of
-pairs.
 """
 
 from __future__ import annotations

@@ -75,6 +75,10 @@ class FitOptions:
             LNCC): abdomen CT 0.48 → 0.55 mean Dice, but lung CT 0.92 → 0.89 with 0.15 %
             folding on one pair; with MSE it moved the abdomen kidneys away (0.43 → 0.03).
         affine_lr: Adam step size of the affine parameters (normalized units).
+        match_histogram: Map the moving intensities onto the fixed image's histogram before
+            the fit (as SimpleITK's demons pipeline does) so the MSE term compares like with like.
+            Off by default: measured on the 2D pairs of ``../shared/data`` it lowered the mean
+            Dice from 0.79 to 0.75 (brain slices 0.83 → 0.80).
         affine_metric: Image term of the affine stage (None: ``image_metric``); LNCC is the
             robust choice for a global transform between subjects.
         max_fit_voxels: Levels with more voxels than this are not optimised (the last
@@ -103,6 +107,7 @@ class FitOptions:
     affine_iterations: int = 0
     affine_lr: float = 0.005
     affine_metric: str | None = "lncc"
+    match_histogram: bool = False
     refine_iterations: int = 15
     max_fit_voxels: int = 250_000
 
@@ -200,6 +205,13 @@ def gradient_penalty(v: Tensor, spacing_array: Sequence[float]) -> Tensor:
     return total
 
 
+def _match_histogram(moving: Tensor, fixed: Tensor) -> Tensor:
+    """Moving intensities remapped so that their quantiles equal the fixed image's."""
+    from skimage.exposure import match_histograms
+
+    return torch.from_numpy(match_histograms(moving.numpy(), fixed.numpy()).astype("float32"))
+
+
 def _normalise_intensity(x: Tensor) -> Tensor:
     lo, hi = torch.quantile(x.flatten()[:: max(1, x.numel() // 200_000)], torch.tensor([0.01, 0.99]))
     return ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
@@ -270,6 +282,8 @@ def fit_field(
     report = FitReport()
     fixed_image_n = _normalise_intensity(fixed_image.float()) if use_image else None
     moving_image_n = _normalise_intensity(moving_image.float()) if use_image else None
+    if use_image and opt.match_histogram:
+        moving_image_n = _match_histogram(moving_image_n, fixed_image_n)
 
     verify = use_image and k > 0 and opt.verify_dice is not None
     dims = tuple(range(1, ndim + 1))

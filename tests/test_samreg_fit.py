@@ -241,6 +241,24 @@ def test_the_image_term_alone_recovers_the_translation_of_a_smooth_blob(metric):
     assert report.levels and all("dice" not in lv for lv in report.levels)  # no ROI term ran
 
 
+def test_histogram_matching_gives_the_moving_image_the_fixed_quantiles():
+    from fmreg.samreg.fit import _match_histogram
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(32, 32, generator=g)
+    moving = torch.rand(32, 32, generator=g) ** 3  # a monotone, non-linear intensity change
+    matched = _match_histogram(moving, fixed)
+    # Same ranks as the moving image, same values as the fixed one.
+    assert torch.equal(torch.argsort(matched.flatten()), torch.argsort(moving.flatten()))
+    assert_close(torch.sort(matched.flatten()).values, torch.sort(fixed.flatten()).values, atol=1e-6, rtol=0)
+    grid = Grid((64, 64), (1.0, 1.0))
+    centre, shift = (32.0, 32.0), (3.0, 2.5)
+    opt = FitOptions(image_metric="mse", match_histogram=True)
+    blob_m = _blob(grid, [c + s for c, s in zip(centre, shift)], 6.0) ** 3
+    u, _ = fit_field(grid, _empty(grid), _empty(grid), grid, opt, _blob(grid, centre, 6.0), blob_m)
+    assert_close(_u_at(u, centre), torch.tensor(shift), atol=0.5, rtol=0)
+
+
 # ---------------------------------------------------------------------------- slice-wise ROIs (3D)
 def _disk_on_slice(grid: Grid, index: int, centre, radius: float) -> torch.Tensor:
     disk = _ellipsoid(grid, (centre[0], centre[1], 0.0), (radius, radius, 1e6))

@@ -299,6 +299,12 @@ def fit_field(
     a_mat = torch.eye(ndim)
     a_off = torch.zeros(ndim)
 
+    # Slice ROIs say nothing about through-plane motion; without images nothing else does,
+    # so the velocity is kept in-plane rather than left to drift (Adam's steps are ~lr in
+    # size even for vanishing gradients).
+    in_plane_only = slice_axis is not None and not use_image
+    if in_plane_only:
+        through = torch.as_tensor(fixed_grid.direction_matrix()[:, ndim - 1 - slice_axis], dtype=torch.float32)
     n_threads = torch.get_num_threads()
     try:
         for stage, (level, n_iter, roi_on, affine_stage) in enumerate(stages):
@@ -398,6 +404,9 @@ def fit_field(
                     loss = loss + opt.image_weight * dis
                 loss.backward()
                 optim.step()
+                if in_plane_only:
+                    with torch.no_grad():
+                        v -= through.reshape(-1, *[1] * ndim) * torch.einsum("c,c...->...", through, v)[None]
                 last = terms
             if affine_stage:
                 a_mat, a_off = a_mat.detach(), a_off.detach()

@@ -77,6 +77,12 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------- images
+def _first_line(exc: Exception) -> str:
+    """The first line of an exception's message (ITK's run to dozens), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _check_readable(path: Path) -> None:
     if not path.exists():
         raise FmregError(f"file not found: {path}")
@@ -152,7 +158,7 @@ def read_image(path: str | Path, label: bool = False) -> Image:
     except FmregError:
         raise
     except Exception as exc:  # unreadable file: a one-line message, not a traceback
-        raise FmregError(f"cannot read {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+        raise FmregError(f"cannot read {path}: {_first_line(exc)}") from exc
     if img.GetNumberOfComponentsPerPixel() != 1:
         if label:
             raise FmregError(f"{path}: a label map must have one component per voxel")
@@ -277,7 +283,7 @@ def read_field(path: str | Path) -> DisplacementField:
     try:
         img = sitk.ReadImage(str(path))
     except Exception as exc:
-        raise FmregError(f"cannot read {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+        raise FmregError(f"cannot read {path}: {_first_line(exc)}") from exc
     grid = grid_of(img)
     if img.GetNumberOfComponentsPerPixel() != grid.ndim:
         raise FmregError(

@@ -362,7 +362,8 @@ def landmark_tre(
     return torch.linalg.vector_norm(diff, dim=1)
 
 
-def _physical_centroid(mask: Tensor, grid: Grid) -> np.ndarray | None:
+def physical_centroid(mask: Tensor, grid: Grid) -> np.ndarray | None:
+    """World position (mm, components x, y[, z]) of a mask's centroid; None when it is empty."""
     idx = torch.nonzero(mask)
     if idx.shape[0] == 0:
         return None
@@ -409,7 +410,7 @@ def centroid_tre(
 
 
 def _centroid_distance(a: Tensor, b: Tensor, grid: Grid) -> float:
-    ca, cb = _physical_centroid(a, grid), _physical_centroid(b, grid)
+    ca, cb = physical_centroid(a, grid), physical_centroid(b, grid)
     if ca is None or cb is None:
         return math.nan
     return float(np.linalg.norm(ca - cb))

@@ -37,6 +37,7 @@ from .field import DisplacementField, jacobian_determinant, warp
 from .grid import Frame, Grid, through_plane_axis
 from .image import Image, check_label_grid
 from .io import atomic_path
+from .metrics import dice
 
 __all__ = [
     "FOLD_COLOUR",
@@ -724,12 +725,8 @@ def save_label_overlay(path: str | Path, fixed: Image, labels_fixed: Image, labe
     data = _np(fixed.data).astype(np.float32)
     lf, lw = _np(labels_fixed.data).astype(np.int64), _np(labels_warped.data).astype(np.int64)
     values = [int(v) for v in np.union1d(np.unique(lf), np.unique(lw)) if v != 0]
-    entries = []
-    for v in values:
-        a, b = lf == v, lw == v
-        total = int(a.sum() + b.sum())
-        dice = 2.0 * float((a & b).sum()) / total if total else float("nan")
-        entries.append((f"label {v}: {dice:.3f}", _category_colour(v)))
+    scores = dice(torch.from_numpy(lw), torch.from_numpy(lf), values)
+    entries = [(f"label {v}: {scores[v]:.3f}", _category_colour(v)) for v in values]
     window = _window(data)
     views = _views(fixed.grid)
     mmpp = _mm_per_pixel(views, 4 * _widest(views))

@@ -354,7 +354,7 @@ def fit_field(
                 with torch.no_grad():
                     wm = _warp(mm, locations(init, a_mat, a_off))
                     wm = wm if support is None else wm * support
-                    dice = 2 * (wm * fm).sum(dim=dims) / (wm.sum(dim=dims) + fm.sum(dim=dims)).clamp_min(1e-6)
+                    dice = _soft_dice(wm, fm)
                 keep = dice >= opt.verify_dice
                 report.kept_pairs = [int(i) for i in torch.nonzero(keep).flatten()]
                 weights = torch.where(keep, weights, torch.zeros_like(weights))
@@ -380,8 +380,7 @@ def fit_field(
                     wm = _warp(mm, loc)
                     wm = wm if support is None else wm * support
                     mse = ((wm - fm) ** 2).mean(dim=dims)
-                    inter = (wm * fm).sum(dim=dims)
-                    dice = 2 * inter / (wm.sum(dim=dims) + fm.sum(dim=dims)).clamp_min(1e-6)
+                    dice = _soft_dice(wm, fm)
                     roi = (weights * (opt.mse_weight * mse * _mse_scale(fm) + opt.dice_weight * (1 - dice))).sum()
                     loss = loss + roi
                     terms["roi"] = float(roi.detach())
@@ -441,6 +440,12 @@ def _upsample_disp(u: Tensor, shape: Sequence[int]) -> Tensor:
     Normalized units do not depend on the number of voxels, so no rescaling is needed.
     """
     return _resize(u[0].movedim(-1, 0), shape).movedim(0, -1)[None]
+
+
+def _soft_dice(a: Tensor, b: Tensor) -> Tensor:
+    """``(K,)`` soft Dice of ``(K, *shape)`` masks pair by pair."""
+    dims = tuple(range(1, a.dim()))
+    return 2 * (a * b).sum(dim=dims) / (a.sum(dim=dims) + b.sum(dim=dims)).clamp_min(1e-6)
 
 
 def _centroids_norm(masks: Tensor) -> Tensor:

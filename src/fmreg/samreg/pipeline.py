@@ -26,6 +26,7 @@ from ..errors import FmregError
 from ..field import DisplacementField
 from ..grid import Grid, through_plane_axis
 from ..image import Image
+from ..metrics import physical_centroid
 from .filtering import filter_proposals
 from .fit import FitOptions, fit_field
 from .matching import match_rois, similarity_matrix
@@ -75,9 +76,7 @@ class RoiPair:
 
 
 def _centroid_mm(mask: Tensor, grid: Grid) -> list[float]:
-    idx = torch.nonzero(mask).double().mean(dim=0).flip(0)  # array order → x, y[, z]
-    pts = grid.index_to_world_matrix() @ np.append(idx.numpy(), 1.0)
-    return [round(float(v), 3) for v in pts[: grid.ndim]]
+    return [round(float(v), 3) for v in physical_centroid(mask, grid)]
 
 
 @dataclass
@@ -259,7 +258,8 @@ def find_roi_pairs(
 def label_roi_pairs(fixed_labels: Image, moving_labels: Image, values: Sequence[int] | None = None) -> list[RoiPair]:
     """Case 1 of the paper: one pair per label value present in both maps (0 excluded)."""
     if values is None:
-        values = sorted(set(torch.unique(fixed_labels.data).tolist()) & set(torch.unique(moving_labels.data).tolist()) - {0})
+        present = [set(np.unique(lab.data.numpy()).tolist()) for lab in (fixed_labels, moving_labels)]
+        values = sorted(present[0] & present[1] - {0})
     pairs = []
     for v in values:
         fm, mm = fixed_labels.data == v, moving_labels.data == v

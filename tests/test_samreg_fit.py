@@ -368,3 +368,23 @@ def test_fit_options_to_dict_is_json_ready():
     assert d["iterations"] == [3, 2, 1]
     assert json.loads(json.dumps(d)) == d
     assert FitOptions(iterations=7).to_dict()["iterations"] == 7
+
+
+def test_antialiasing_gives_the_level_sigma_and_leaves_uncoarsened_axes_alone():
+    from fmreg.samreg.fit import _antialias
+
+    # 3D, slices 8 mm apart and 1 mm in-plane; the level halves the in-plane resolution only.
+    grid = Grid((5, 41, 41), (1.0, 1.0, 8.0))
+    level = grid.resized((5, 21, 21))
+    impulse = torch.zeros(grid.shape)
+    impulse[2, 20, 20] = 1.0
+    out = _antialias(impulse, grid, level, sigma=1.0)
+    assert_close(out.sum(), torch.tensor(1.0), atol=1e-5, rtol=0)
+    assert_close(out[[1, 3]].abs().sum(), torch.tensor(0.0))  # nothing leaks between slices
+    d = torch.arange(41, dtype=torch.float32) - 20
+    plane = out[2]
+    var_rows = float((plane.sum(1) * d * d).sum())
+    var_cols = float((plane.sum(0) * d * d).sum())
+    # sigma · sqrt(f² − 1) voxels with f = 2: a variance of 3 voxels².
+    assert_close(torch.tensor([var_rows, var_cols]), torch.tensor([3.0, 3.0]), atol=0.05, rtol=0)
+    assert torch.equal(_antialias(impulse, grid, grid, sigma=1.0), impulse)

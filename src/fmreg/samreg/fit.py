@@ -35,6 +35,8 @@ from torch import Tensor
 from ..errors import FmregError
 from ..field import DisplacementField, sample
 from ..grid import Frame, Grid
+from ..image import Image
+from ..initialization import moments_affine
 
 log = logging.getLogger("fmreg")
 
@@ -89,6 +91,18 @@ class FitOptions:
             pair the images contradict is most likely a wrong match) and the kept pairs
             refine the finest optimised level for ``refine_iterations`` more steps. None
             uses every pair at every level (the paper's single-stage fit).
+        initialize: ``"moments"`` starts from the affine map that matches the centroids and
+            per-axis extents of the imaged objects (body, brain; see
+            :mod:`fmreg.initialization`) when both images show one whole; otherwise, and with
+            ``"identity"``, the fit starts from the identity. Measured on the two inter-subject
+            abdomen CT pairs of ``../shared/data``: mean kidney Dice 0.48 → 0.79; no other pair
+            of the set has a whole object in view, except the brain slices (unchanged).
+        pyramid_sigma: Anti-aliasing of the images on the coarser levels, in level voxels
+            (see :func:`_antialias`); the finest optimised level is never smoothed. Measured
+            on the 2D pairs of ``../shared/data``: mean Dice 0.847 without, 0.850 with 0.5,
+            0.861 with 1.0 (lung CT 0.92 → 0.95), 0.853 with 1.5; ACDC 068 0.818 → 0.817.
+        fine_control_spacing: Control spacing (mm) of the finest optimised level only (None:
+            ``control_spacing``), for pairs that need local detail the coarser levels lack.
     """
 
     levels: int = 4
@@ -110,6 +124,9 @@ class FitOptions:
     match_histogram: bool = False
     refine_iterations: int = 15
     max_fit_voxels: int = 250_000
+    initialize: str = "moments"
+    fine_control_spacing: float | None = None
+    pyramid_sigma: float = 1.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -205,6 +222,26 @@ def gradient_penalty(v: Tensor, spacing_array: Sequence[float]) -> Tensor:
     return total
 
 
+def _antialias(image: Tensor, grid: Grid, level: Grid, sigma: float) -> Tensor:
+    """Gaussian-smooth ``(*grid.shape)`` intensities before they are sampled on a coarser ``level``.
+
+    Along an array axis where a level voxel spans ``f`` image voxels, the Gaussian has
+    ``sigma · sqrt(f² − 1)`` image voxels: added to the image's own resolution (taken as
+    ``sigma`` voxels) it gives ``sigma`` level voxels. Axes the level does not coarsen (the
+    slices of a cardiac stack) are left alone. The moving image is matched axis by axis, as
+    its voxels are resampled onto the level grid.
+    """
+    if sigma <= 0:
+        return image
+    from scipy.ndimage import gaussian_filter
+
+    factors = [lv / sp for lv, sp in zip(level.spacing_array, grid.spacing_array)]
+    sig = [sigma * math.sqrt(f * f - 1) if f > 1.01 else 0.0 for f in factors]
+    if max(sig) == 0:
+        return image
+    return torch.from_numpy(gaussian_filter(image.numpy(), sig, mode="nearest").astype("float32"))
+
+
 def _match_histogram(moving: Tensor, fixed: Tensor) -> Tensor:
     """Moving intensities remapped so that their quantiles equal the fixed image's."""
     from skimage.exposure import match_histograms
@@ -225,6 +262,7 @@ class FitReport:
     levels: list[dict] = field(default_factory=list)
     kept_pairs: list[int] | None = None
     affine: dict | None = None
+    initial_affine_mm: list | None = None
 
 
 def fit_field(
@@ -267,6 +305,8 @@ def fit_field(
     for name, value in (("image_metric", opt.image_metric), ("affine_metric", opt.affine_metric or opt.image_metric)):
         if value not in ("lncc", "mse"):
             raise FmregError(f"unknown {name} '{value}': choose lncc or mse")
+    if opt.initialize not in ("moments", "identity"):
+        raise FmregError(f"unknown initialize '{opt.initialize}': choose moments or identity")
     if k == 0 and not use_image:
         log.warning("no ROI pairs and no image term: returning the identity")
         return DisplacementField.identity(fixed_grid), FitReport()
@@ -298,6 +338,15 @@ def fit_field(
     # T = A ∘ exp(v) in the fixed grid's normalized frame (the same frame at every level).
     a_mat = torch.eye(ndim)
     a_off = torch.zeros(ndim)
+    if opt.initialize == "moments" and fixed_image is not None and moving_image is not None:
+        h = moments_affine(Image(fixed_image.float(), fixed_grid), Image(moving_image.float(), moving_grid))
+        if h is not None:
+            # Physical fixed → moving becomes normalized (fixed grid) → normalized (fixed grid),
+            # the frame the moving data is resampled into.
+            n_mat = fixed_grid.frame_matrix(Frame.PHYSICAL, Frame.NORMALIZED)
+            h_norm = torch.as_tensor(n_mat @ h @ np.linalg.inv(n_mat), dtype=torch.float32)
+            a_mat, a_off = h_norm[:ndim, :ndim].contiguous(), h_norm[:ndim, ndim].contiguous()
+            report.initial_affine_mm = h.tolist()
 
     # Slice ROIs say nothing about through-plane motion; without images nothing else does,
     # so the velocity is kept in-plane rather than left to drift (Adam's steps are ~lr in
@@ -323,12 +372,20 @@ def fit_field(
                 mm = mm.amax(dim=ax, keepdim=True).expand_as(mm).contiguous()
                 in_plane = tuple(d for d in range(1, ndim + 1) if d != ax)
                 support = (fm.amax(dim=in_plane, keepdim=True) > 0.01).float().expand_as(fm)
-            fi = _resize(fixed_image_n[None], grid.shape)[0] if use_image else None
-            mi = sample(moving_image_n, moving_grid, pts, fill=0.0) if use_image else None
+            if use_image:
+                # The finest optimised level keeps every detail it can sample.
+                sigma = opt.pyramid_sigma if level != active[-1] else 0.0
+                fi = _resize(_antialias(fixed_image_n, fixed_grid, grid, sigma)[None], grid.shape)[0]
+                mi = sample(_antialias(moving_image_n, moving_grid, grid, sigma), moving_grid, pts, fill=0.0)
+            else:
+                fi = mi = None
             window = [max(3, int(round(opt.lncc_window_mm / sp)) | 1) for sp in grid.spacing_array]
 
+            spacing = opt.control_spacing
+            if opt.fine_control_spacing and level == active[-1] and level > 0:
+                spacing = opt.fine_control_spacing
             ctrl_shape = [
-                n if sp * (n - 1) < 2 * opt.control_spacing else max(2, int(math.ceil(sp * (n - 1) / opt.control_spacing)) + 1)
+                n if sp * (n - 1) < 2 * spacing else max(2, int(math.ceil(sp * (n - 1) / spacing)) + 1)
                 for n, sp in zip(grid.shape, grid.spacing_array)
             ]
             ctrl_grid = grid.resized(ctrl_shape)

@@ -388,3 +388,18 @@ def test_antialiasing_gives_the_level_sigma_and_leaves_uncoarsened_axes_alone():
     # sigma · sqrt(f² − 1) voxels with f = 2: a variance of 3 voxels².
     assert_close(torch.tensor([var_rows, var_cols]), torch.tensor([3.0, 3.0]), atol=0.05, rtol=0)
     assert torch.equal(_antialias(impulse, grid, grid, sigma=1.0), impulse)
+
+
+def test_adam_takes_the_same_steps_as_torch_optim_adam():
+    from fmreg.samreg.fit import Adam
+
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(4, 5, generator=g)
+    ours, theirs = torch.zeros(4, 5, requires_grad=True), torch.zeros(4, 5, requires_grad=True)
+    opt_ours, opt_theirs = Adam([ours], lr=0.1), torch.optim.Adam([theirs], lr=0.1)
+    for _ in range(25):
+        for p, o in ((ours, opt_ours), (theirs, opt_theirs)):
+            o.zero_grad()
+            ((p - target) ** 4).sum().backward()
+            o.step()
+    assert_close(ours.detach(), theirs.detach())

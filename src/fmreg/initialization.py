@@ -51,15 +51,17 @@ def object_mask(image: Image) -> Tensor | None:
     if not np.isfinite(a).all() or float(a.max()) <= float(a.min()):
         return None
     mask = a > threshold_otsu(a)
-    # Opening (≈3 mm) cuts the thin bridges to tables, blankets and tubes.
-    radius = np.maximum(1, np.round(3.0 / spacing)).astype(int)
+    # Opening (≈3 mm) cuts the thin bridges to tables, blankets and tubes; axes with coarser
+    # voxels (thick slices) are not opened, which would erase the first and last slice.
+    radius = np.round(3.0 / spacing).astype(int)
+    radius[np.argmin(spacing)] = max(1, radius[np.argmin(spacing)])
     structure = np.ones(tuple(2 * r + 1 for r in radius), dtype=bool)
     mask = ndi.binary_opening(mask, structure=structure)
     labels, n = ndi.label(mask)
     if n == 0:
         return None
     sizes = np.bincount(labels.ravel())[1:]
-    mask = ndi.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+    mask = labels == 1 + int(np.argmax(sizes))
     border = np.zeros_like(mask)
     for axis in range(mask.ndim):
         if mask.shape[axis] < 3:
@@ -68,7 +70,11 @@ def object_mask(image: Image) -> Tensor | None:
         for end in (0, -1):
             index[axis] = end
             border[tuple(index)] = True
-    if mask.mean() < MIN_OBJECT_FRACTION or (mask & border).sum() > MAX_BORDER_FRACTION * border.sum():
+    # Filling holes changes neither the border contact nor (much) the size: check first.
+    if (mask & border).sum() > MAX_BORDER_FRACTION * border.sum():
+        return None
+    mask = ndi.binary_fill_holes(mask)
+    if mask.mean() < MIN_OBJECT_FRACTION:
         return None
     return torch.from_numpy(mask)
 
@@ -94,7 +100,8 @@ def moments_affine(fixed: Image, moving: Image) -> np.ndarray | None:
         moving physical points, or None when either image has no object in view or the
         scales are implausible (beyond :data:`MAX_SCALE`).
     """
-    fixed_mask, moving_mask = object_mask(fixed), object_mask(moving)
+    fixed_mask = object_mask(fixed)
+    moving_mask = object_mask(moving) if fixed_mask is not None else None
     if fixed_mask is None or moving_mask is None:
         return None
     cf, cov_f = _moments(fixed_mask, fixed.grid)

@@ -414,7 +414,7 @@ def fit_field(
             window = [max(3, int(round(opt.lncc_window_mm / sp)) | 1) for sp in grid.spacing_array]
 
             spacing = opt.control_spacing
-            if opt.fine_control_spacing and level == active[-1] and level > 0:
+            if opt.fine_control_spacing and level == active[-1]:
                 spacing = opt.fine_control_spacing
             ctrl_shape = [
                 n if sp * (n - 1) < 2 * spacing else max(2, int(math.ceil(sp * (n - 1) / spacing)) + 1)

@@ -403,3 +403,56 @@ def test_adam_takes_the_same_steps_as_torch_optim_adam():
             ((p - target) ** 4).sum().backward()
             o.step()
     assert_close(ours.detach(), theirs.detach())
+
+
+# ---------------------------------------------------------------------------- fine settings gate
+def test_correlation_is_one_for_an_intensity_gain_minus_one_for_inversion_and_zero_for_a_constant():
+    from fmreg.samreg.fit import _correlation
+
+    a = torch.rand(17, 9, generator=torch.Generator().manual_seed(1))
+    assert _correlation(a, 3 * a + 2) == pytest.approx(1.0, abs=1e-6)
+    assert _correlation(a, 1 - a) == pytest.approx(-1.0, abs=1e-6)
+    assert _correlation(a, torch.full_like(a, 0.5)) == 0.0
+
+
+FAST = dict(levels=2, iterations=(5, 5), refine_iterations=0)
+
+
+def _fine_pair(grid: Grid, inverted: bool):
+    centre, shift = (32.0, 32.0), (1.0, 0.5)
+    fixed = _blob(grid, centre, 8.0)
+    moving = _blob(grid, [c + s for c, s in zip(centre, shift)], 8.0)
+    return fixed, (1 - moving if inverted else moving)
+
+
+@pytest.mark.parametrize(
+    "inverted, fine_control_spacing, spacing, expected_control",
+    [
+        (False, 2.0, 1.0, 33),  # images agree: ceil(63 mm / 2 mm) + 1 control points per axis
+        (True, 2.0, 1.0, 10),  # inverted contrast disagrees: the coarse 7 mm grid stays
+        (False, 0.1, 1.5, 33),  # never finer than two voxels: 94.5 mm / 3 mm
+    ],
+)
+def test_fine_settings_apply_on_the_finest_level_only_when_the_images_agree(
+    inverted, fine_control_spacing, spacing, expected_control
+):
+    grid = Grid((64, 64), (spacing, spacing))
+    fixed, moving = _fine_pair(grid, inverted)
+    opt = FitOptions(**FAST, fine_control_spacing=fine_control_spacing)
+    _, report = fit_field(grid, _empty(grid), _empty(grid), grid, opt, fixed, moving)
+    assert (report.fine_correlation >= opt.fine_min_correlation) is (not inverted)
+    assert report.fine_correlation < 0 if inverted else report.fine_correlation > 0.96
+    coarse, fine = report.levels
+    assert coarse["control_shape"] == ([10, 10] if spacing == 1.0 else [15, 15])  # 7 mm on the coarse level
+    assert fine["control_shape"] == [expected_control] * 2
+
+
+def test_fine_settings_need_the_image_term_and_apply_always_without_a_threshold():
+    grid = Grid((64, 64), (1.0, 1.0))
+    fixed, moving = _fine_pair(grid, inverted=True)
+    _, report = fit_field(grid, _empty(grid), _empty(grid), grid,
+                          FitOptions(**FAST, fine_min_correlation=None), fixed, moving)
+    assert report.fine_correlation is None and report.levels[-1]["control_shape"] == [33, 33]
+    masks = _ellipsoid(grid, (32.0, 32.0), (10.0, 10.0))[None]
+    _, report = fit_field(grid, masks, masks, grid, FitOptions(**FAST, **ROI_ONLY))
+    assert report.fine_correlation is None and report.levels[-1]["control_shape"] == [10, 10]

@@ -9,6 +9,7 @@ similarity is known in advance.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -373,6 +374,26 @@ def test_unknown_parameters_are_user_errors_that_name_them():
         get_method("samreg-labels", bogus=1)
     with pytest.raises(FmregError, match="unknown segmenter 'magic'"):
         get_method("samreg", segmenter="magic").register(*_pair_2d())
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"fine_min_correlation": "abc"}, "fine_min_correlation must be a number or null, got 'abc'"),
+        ({"levels": True}, "levels must be an integer, got True"),
+        ({"levels": 2.5}, "levels must be an integer, got 2.5"),
+        ({"threshold": None}, "threshold must be a number, got None"),
+        ({"image_metric": 3}, "image_metric must be a string, got 3"),
+    ],
+)
+def test_parameters_of_the_wrong_type_are_user_errors_that_name_them(params, message):
+    with pytest.raises(FmregError, match=re.escape(message)):
+        get_method("samreg", **params)
+
+
+def test_parameters_of_the_right_type_pass_including_null_where_allowed():
+    m = get_method("samreg", fine_min_correlation=None, lr=1, iterations=[3, 3, 3, 3])
+    assert m.fit_options.fine_min_correlation is None and m.fit_options.lr == 1
 
 
 def test_parameters_reach_the_options():

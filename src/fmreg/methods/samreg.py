@@ -27,9 +27,37 @@ _ROI_KEYS = {f.name for f in fields(SamRegOptions)}
 _FIT_KEYS = {f.name for f in fields(FitOptions)}
 
 
+#: Annotation words → the Python types a parameter value may have (``--param`` values are JSON).
+_ACCEPTED = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,), "None": (type(None),),
+             "Sequence[int]": (list, tuple)}
+_TYPE_WORDS = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false",
+               "None": "null", "Sequence[int]": "a list of integers"}
+
+
+def _checked(cls, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` if each has a type its field of dataclass ``cls`` allows.
+
+    Raises:
+        FmregError: Naming the parameter, the accepted types and the value, so that
+            ``--param fine_min_correlation=abc`` is an error line, not a traceback from the fit.
+    """
+    kinds = {f.name: [w.strip() for w in str(f.type).split("|")] for f in fields(cls)}
+    for key, value in values.items():
+        words = kinds[key]
+        if not all(w in _ACCEPTED for w in words):
+            continue  # an annotation this check does not know: the option validates itself
+        ok = any(isinstance(value, _ACCEPTED[w]) for w in words)
+        if isinstance(value, bool) and "bool" not in words:
+            ok = False  # JSON true is not the number 1
+        if not ok:
+            expected = " or ".join(_TYPE_WORDS[w] for w in words)
+            raise FmregError(f"parameter {key} must be {expected}, got {value!r}")
+    return values
+
+
 def _split_params(params: dict[str, Any]) -> tuple[SamRegOptions, FitOptions, dict[str, Any]]:
-    roi = {k: v for k, v in params.items() if k in _ROI_KEYS}
-    fit = {k: v for k, v in params.items() if k in _FIT_KEYS}
+    roi = _checked(SamRegOptions, {k: v for k, v in params.items() if k in _ROI_KEYS})
+    fit = _checked(FitOptions, {k: v for k, v in params.items() if k in _FIT_KEYS})
     rest = {k: v for k, v in params.items() if k not in _ROI_KEYS | _FIT_KEYS}
     return SamRegOptions(**roi), FitOptions(**fit), rest
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmreg.errors import MissingExtraError
+from fmreg.errors import FmregError, MissingExtraError
 from fmreg.field import DisplacementField, warp
 from fmreg.grid import Frame, Grid
 from fmreg.image import Image
@@ -267,3 +267,21 @@ def test_ants_3d_anisotropic_recovers_shift():
     fixed, moving, shift = _pair_3d()
     result = get_method("ants", random_seed=1).register(fixed, moving)
     _check_recovers_shift(result.field, fixed, moving, shift, atol_mm=0.5, ratio=0.1)
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("demons", {"iterations": "abc"}, "parameter iterations must be a list of integers or an integer, got 'abc'"),
+        ("demons", {"field_sigma": True}, "parameter field_sigma must be a number, got True"),
+        ("ants", {"random_seed": 1.5}, "parameter random_seed must be an integer or null, got 1.5"),
+    ],
+)
+def test_peer_parameters_of_the_wrong_type_are_user_errors_that_name_them(name, params, message):
+    with pytest.raises(FmregError) as info:
+        get_method(name, **params)
+    assert str(info.value) == message
+
+
+def test_peer_parameters_of_the_right_type_pass():
+    assert get_method("demons", iterations=[10, 5, 2], field_sigma=2).iterations == (10, 5, 2)

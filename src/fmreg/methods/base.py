@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -68,9 +69,42 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+#: Annotation words → the Python types a parameter value may have (``--param`` values are JSON).
+_ACCEPTED = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,), "None": (type(None),),
+             "Sequence[int]": (list, tuple)}
+_TYPE_WORDS = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false",
+               "None": "null", "Sequence[int]": "a list of integers"}
+
+
+def check_parameter_types(annotations: dict[str, str], values: dict[str, Any]) -> None:
+    """Check each value against its parameter's annotation (a string such as ``"float | None"``).
+
+    Values without an annotation, or with one made of words this check does not know, pass:
+    their method validates them itself.
+
+    Raises:
+        FmregError: Naming the parameter, the accepted types and the value, so that
+            ``--param iterations=abc`` is an error line, not a traceback from inside a method.
+    """
+    for key, value in values.items():
+        words = [w.strip() for w in annotations.get(key, "").split("|")]
+        if not all(w in _ACCEPTED for w in words):
+            continue
+        ok = any(isinstance(value, _ACCEPTED[w]) for w in words)
+        if isinstance(value, bool) and "bool" not in words:
+            ok = False  # JSON true is not the number 1
+        if not ok:
+            expected = " or ".join(_TYPE_WORDS[w] for w in words)
+            raise FmregError(f"parameter {key} must be {expected}, got {value!r}")
+
+
 def get_method(name: str, **params: Any) -> Method:
-    """Instantiate the method called ``name`` with ``params``."""
+    """Instantiate the method called ``name`` with ``params`` (types checked against its signature)."""
     names = available_methods()
     if name not in _REGISTRY:
         raise FmregError(f"unknown method '{name}': choose one of {', '.join(names)}")
-    return _REGISTRY[name](**params)
+    factory = _REGISTRY[name]
+    signature = inspect.signature(factory)
+    check_parameter_types({p.name: str(p.annotation) for p in signature.parameters.values()
+                           if p.annotation is not inspect.Parameter.empty}, params)
+    return factory(**params)

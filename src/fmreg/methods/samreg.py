@@ -21,37 +21,15 @@ from ..image import Image
 from ..report import RoiPairView, save_roi_pairs
 from ..samreg.fit import FitOptions
 from ..samreg.pipeline import SamRegOptions, fit_pairs, label_roi_pairs, samreg
-from .base import RegistrationResult, register_method
+from .base import RegistrationResult, check_parameter_types, register_method
 
 _ROI_KEYS = {f.name for f in fields(SamRegOptions)}
 _FIT_KEYS = {f.name for f in fields(FitOptions)}
 
 
-#: Annotation words → the Python types a parameter value may have (``--param`` values are JSON).
-_ACCEPTED = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,), "None": (type(None),),
-             "Sequence[int]": (list, tuple)}
-_TYPE_WORDS = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false",
-               "None": "null", "Sequence[int]": "a list of integers"}
-
-
 def _checked(cls, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` if each has a type its field of dataclass ``cls`` allows.
-
-    Raises:
-        FmregError: Naming the parameter, the accepted types and the value, so that
-            ``--param fine_min_correlation=abc`` is an error line, not a traceback from the fit.
-    """
-    kinds = {f.name: [w.strip() for w in str(f.type).split("|")] for f in fields(cls)}
-    for key, value in values.items():
-        words = kinds[key]
-        if not all(w in _ACCEPTED for w in words):
-            continue  # an annotation this check does not know: the option validates itself
-        ok = any(isinstance(value, _ACCEPTED[w]) for w in words)
-        if isinstance(value, bool) and "bool" not in words:
-            ok = False  # JSON true is not the number 1
-        if not ok:
-            expected = " or ".join(_TYPE_WORDS[w] for w in words)
-            raise FmregError(f"parameter {key} must be {expected}, got {value!r}")
+    """``values``, each checked against its field's annotation in dataclass ``cls``."""
+    check_parameter_types({f.name: str(f.type) for f in fields(cls)}, values)
     return values
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmreg.bench import run_bench
+from fmreg.app.bench import run_bench
 from fmreg.cli import main
-from fmreg.io import read_image, write_image
+from fmreg.io.images import read_image, write_image
 from fmreg.methods import available_methods
 
 needs_report = pytest.mark.skipif(
-    importlib.util.find_spec("fmreg.report") is None, reason="fmreg.report (overview pictures) not written yet"
+    importlib.util.find_spec("fmreg.figures.report") is None, reason="fmreg.figures.report (overview pictures) not written yet"
 )
 METHODS = ["identity", "demons"] if "demons" in available_methods() else ["identity"]
 

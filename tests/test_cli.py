@@ -23,14 +23,14 @@ import torch
 
 from fmreg.cli import main
 from fmreg.errors import FmregError
-from fmreg.field import DisplacementField, warp, warp_labels
-from fmreg.grid import Grid
-from fmreg.image import Image
-from fmreg.io import read_field, read_image, write_field, write_image
+from fmreg.transforms.displacement import DisplacementField, warp, warp_labels
+from fmreg.core.grid import Grid
+from fmreg.core.image import Image
+from fmreg.io.images import read_field, read_image, write_field, write_image
 from fmreg.methods import available_methods
 
-HAVE_REPORT = importlib.util.find_spec("fmreg.report") is not None
-needs_report = pytest.mark.skipif(not HAVE_REPORT, reason="fmreg.report (overview pictures) not written yet")
+HAVE_REPORT = importlib.util.find_spec("fmreg.figures.report") is not None
+needs_report = pytest.mark.skipif(not HAVE_REPORT, reason="fmreg.figures.report (overview pictures) not written yet")
 HAVE_DEMONS = "demons" in available_methods()
 
 OUTPUTS_3D = {"warped.nii.gz", "ddf.nii.gz", "warped_labels.nii.gz", "result.json", "overview.png"}
@@ -254,7 +254,7 @@ def test_empty_label_reports_nan_with_a_warning_line(data, tmp_path, capsys):
 
 @needs_report
 def test_artifacts_and_info_of_a_method_are_written(data, tmp_path, monkeypatch):
-    from fmreg import runner
+    from fmreg.app import runner
     from fmreg.methods.base import RegistrationResult
 
     class Fancy:
@@ -288,7 +288,7 @@ def test_artifacts_and_info_of_a_method_are_written(data, tmp_path, monkeypatch)
 
 
 def test_labels_reach_only_label_based_methods(data, tmp_path, monkeypatch):
-    from fmreg import runner
+    from fmreg.app import runner
 
     seen = {}
 
@@ -308,7 +308,7 @@ def test_labels_reach_only_label_based_methods(data, tmp_path, monkeypatch):
 
 
 def test_unexpected_exception_keeps_its_traceback(data, tmp_path, monkeypatch):
-    from fmreg import runner
+    from fmreg.app import runner
 
     class Buggy:
         name = "buggy"
@@ -325,7 +325,7 @@ def test_unexpected_exception_keeps_its_traceback(data, tmp_path, monkeypatch):
 
 @needs_report
 def test_failure_while_writing_leaves_no_partial_output(data, tmp_path, monkeypatch):
-    from fmreg import report
+    from fmreg.figures import report
 
     def broken(*a, **k):
         raise FmregError("cannot draw")
@@ -442,7 +442,7 @@ def test_demo_registers_both_phantoms(tmp_path, capsys):
 
 
 def test_default_method_is_samreg(capsys):
-    from fmreg import runner
+    from fmreg.app import runner
 
     assert runner.DEFAULT_METHOD == "samreg"
     with pytest.raises(SystemExit):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fmreg.errors import FmregError
-from fmreg.field import (
+from fmreg.transforms.displacement import (
     DisplacementField,
     compose,
     invert,
@@ -15,8 +15,8 @@ from fmreg.field import (
     warp,
     warp_labels,
 )
-from fmreg.grid import Frame, Grid
-from fmreg.image import Image
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
 
 
 def _rot3(deg: float) -> tuple[float, ...]:

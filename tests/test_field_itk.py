@@ -4,10 +4,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from fmreg.field import DisplacementField, warp
-from fmreg.grid import Frame, Grid
-from fmreg.image import Image
-from fmreg.io import read_field, to_sitk, write_field
+from fmreg.transforms.displacement import DisplacementField, warp
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
+from fmreg.io.images import read_field, to_sitk, write_field
 
 
 def _rotation(angle_deg: float, ndim: int) -> tuple[float, ...]:

@@ -1,4 +1,4 @@
-"""Moments initialisation (fmreg.initialization) on objects with known extents."""
+"""Moments initialisation (fmreg.optimize.initialization) on objects with known extents."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fmreg.field import warp
-from fmreg.grid import Frame, Grid
-from fmreg.image import Image
-from fmreg.initialization import moments_affine, object_mask
-from fmreg.samreg.fit import FitOptions, fit_field
+from fmreg.transforms.displacement import warp
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
+from fmreg.optimize.initialization import moments_affine, object_mask
+from fmreg.optimize.fit import FitOptions, fit_field
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

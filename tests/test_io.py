@@ -9,9 +9,9 @@ import torch
 from PIL import Image as PILImage
 
 from fmreg.errors import FmregError
-from fmreg.grid import Grid
-from fmreg.image import Image
-from fmreg.io import read_image, write_image
+from fmreg.core.grid import Grid
+from fmreg.core.image import Image
+from fmreg.io.images import read_image, write_image
 
 ACDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc" / "patient068"
 

@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from fmreg.errors import FmregError
-from fmreg.manifest import (
+from fmreg.io.manifest import (
     LabelSpec,
     PairSpec,
     read_landmark_pair,

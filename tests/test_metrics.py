@@ -11,8 +11,8 @@ import torch
 from torch.testing import assert_close
 
 from fmreg.errors import FmregError
-from fmreg.grid import Frame, Grid
-from fmreg.metrics import (
+from fmreg.core.grid import Frame, Grid
+from fmreg.evaluate.metrics import (
     LabelScores,
     average_surface_distance,
     binarize_fg,

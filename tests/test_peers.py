@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from fmreg.errors import FmregError, MissingExtraError
-from fmreg.field import DisplacementField, warp
-from fmreg.grid import Frame, Grid
-from fmreg.image import Image
+from fmreg.transforms.displacement import DisplacementField, warp
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
 from fmreg.methods import available_methods, get_method
 
 # ---------------------------------------------------------------------------- phantoms
@@ -132,7 +132,7 @@ def test_missing_extra_names_it(monkeypatch, name, module):
 
 
 def test_demons_shrink_factors_keep_the_slice_axis():
-    from fmreg.methods.demons import axis_shrink_factors
+    from fmreg.methods.peers.demons import axis_shrink_factors
 
     acdc = Grid((7, 208, 256), spacing=(1.5625, 1.5625, 10.0))
     assert axis_shrink_factors(acdc, 4) == (4, 4, 1)
@@ -163,7 +163,7 @@ def test_demons_field_is_what_sitk_warps_with():
     """The field warps the moving image the way SimpleITK's own resampler does."""
     import SimpleITK as sitk
 
-    from fmreg.io import to_sitk
+    from fmreg.io.images import to_sitk
 
     fixed, moving, _ = _pair_2d()
     field = get_method("demons", iterations=(20, 10, 5)).register(fixed, moving).field
@@ -180,7 +180,7 @@ def test_demons_field_is_what_sitk_warps_with():
 
 def test_elastix_geometry_round_trip():
     pytest.importorskip("itk")
-    from fmreg.methods.elastix import grid_of_itk, to_itk
+    from fmreg.methods.peers.elastix import grid_of_itk, to_itk
 
     fixed, _, _ = _pair_3d()
     img = to_itk(fixed)
@@ -193,7 +193,7 @@ def test_elastix_geometry_round_trip():
 @pytest.mark.slow
 def test_elastix_2d_recovers_shift_and_matches_transformix(tmp_path, monkeypatch):
     itk = pytest.importorskip("itk")
-    from fmreg.methods.elastix import ElastixMethod, field_from_transform
+    from fmreg.methods.peers.elastix import ElastixMethod, field_from_transform
 
     monkeypatch.chdir(tmp_path)  # whatever elastix writes to the working directory shows up here
     fixed, moving, shift = _pair_2d()
@@ -234,7 +234,7 @@ def test_elastix_3d_anisotropic_recovers_shift():
 
 def test_ants_geometry_round_trip():
     pytest.importorskip("ants")
-    from fmreg.methods.ants import grid_of_ants, to_ants
+    from fmreg.methods.peers.ants import grid_of_ants, to_ants
 
     fixed, _, _ = _pair_3d()
     img = to_ants(fixed)
@@ -245,7 +245,7 @@ def test_ants_geometry_round_trip():
 @pytest.mark.slow
 def test_ants_2d_recovers_shift_and_matches_apply_transforms(tmp_path):
     ants = pytest.importorskip("ants")
-    from fmreg.methods.ants import AntsMethod, field_from_transforms
+    from fmreg.methods.peers.ants import AntsMethod, field_from_transforms
 
     fixed, moving, shift = _pair_2d()
     method = AntsMethod(random_seed=1)

@@ -1,4 +1,4 @@
-"""The built-in phantom pairs: geometry, labels, and a ground truth consistent with fmreg.field."""
+"""The built-in phantom pairs: geometry, labels, and a ground truth consistent with fmreg.transforms.displacement."""
 
 import time
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmreg.field import invert, jacobian_determinant, warp, warp_labels
-from fmreg.grid import Frame
+from fmreg.transforms.displacement import invert, jacobian_determinant, warp, warp_labels
+from fmreg.core.grid import Frame
 from fmreg.phantoms import LABEL_NAMES, MAX_DISPLACEMENT_MM, make_pair, phantom_grid
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from fmreg import report
+from fmreg.figures import report
 from fmreg.errors import FmregError
-from fmreg.field import DisplacementField, jacobian_determinant, warp, warp_labels
-from fmreg.grid import Grid
-from fmreg.image import Image
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, warp, warp_labels
+from fmreg.core.grid import Grid
+from fmreg.core.image import Image
 from fmreg.phantoms import make_pair
-from fmreg.report import (
+from fmreg.figures.report import (
     FOLD_COLOUR,
     NAN_COLOUR,
     NEUTRAL_COLOUR,

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from fmreg.errors import FmregError  # noqa: E402
-from fmreg.samreg.proposals import Encoder, RoiProposals, Segmenter  # noqa: E402
-from fmreg.samreg.sam import (  # noqa: E402
+from fmreg.segment.base import Encoder, RoiProposals, Segmenter  # noqa: E402
+from fmreg.segment.segment_anything import (  # noqa: E402
     PIXEL_MEAN,
     PIXEL_STD,
     SamBackend,

@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from fmreg.errors import FmregError
-from fmreg.samreg.classical import (
+from fmreg.segment.classical import (
     HIST_WEIGHT,
     ClassicalEncoder,
     ClassicalSegmenter,
@@ -19,10 +19,10 @@ from fmreg.samreg.classical import (
     normalize_intensity,
     propose_regions,
 )
-from fmreg.samreg.filtering import filter_proposals
-from fmreg.samreg.matching import match_rois, similarity_matrix
-from fmreg.samreg.proposals import Encoder, Segmenter
-from fmreg.samreg.prototypes import roi_prototypes
+from fmreg.segment.filtering import filter_proposals
+from fmreg.correspond.matching import match_rois, similarity_matrix
+from fmreg.segment.base import Encoder, Segmenter
+from fmreg.correspond.prototypes import roi_prototypes
 
 DATA_2D = Path(__file__).resolve().parents[2] / "shared" / "data" / "2d"
 

@@ -1,6 +1,6 @@
-"""Analytic checks of the SAMReg dense fit (fmreg.samreg.fit, paper 002 Eq. 10).
+"""Analytic checks of the SAMReg dense fit (fmreg.optimize.fit, paper 002 Eq. 10).
 
-Convention (fmreg.field): ``T(x) = x + u(x)`` maps fixed physical points to moving ones, so
+Convention (fmreg.transforms.displacement): ``T(x) = x + u(x)`` maps fixed physical points to moving ones, so
 a structure that sits ``d`` mm further along x in the moving image gives ``u ≈ +d`` there.
 
 ROI-only fits here use ``reg_weight=0.5, lr=0.5``: a disk's interior carries no information
@@ -19,10 +19,10 @@ import torch
 from torch.testing import assert_close
 
 from fmreg.errors import FmregError
-from fmreg.field import DisplacementField, jacobian_determinant, sample, warp
-from fmreg.grid import Frame, Grid
-from fmreg.image import Image
-from fmreg.samreg.fit import (
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, sample, warp
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
+from fmreg.optimize.fit import (
     FitOptions,
     _identity_norm,
     fit_field,
@@ -242,7 +242,7 @@ def test_the_image_term_alone_recovers_the_translation_of_a_smooth_blob(metric):
 
 
 def test_histogram_matching_gives_the_moving_image_the_fixed_quantiles():
-    from fmreg.samreg.fit import _match_histogram
+    from fmreg.optimize.fit import _match_histogram
 
     g = torch.Generator().manual_seed(0)
     fixed = torch.rand(32, 32, generator=g)
@@ -371,7 +371,7 @@ def test_fit_options_to_dict_is_json_ready():
 
 
 def test_antialiasing_gives_the_level_sigma_and_leaves_uncoarsened_axes_alone():
-    from fmreg.samreg.fit import _antialias
+    from fmreg.optimize.fit import _antialias
 
     # 3D, slices 8 mm apart and 1 mm in-plane; the level halves the in-plane resolution only.
     grid = Grid((5, 41, 41), (1.0, 1.0, 8.0))
@@ -391,7 +391,7 @@ def test_antialiasing_gives_the_level_sigma_and_leaves_uncoarsened_axes_alone():
 
 
 def test_adam_takes_the_same_steps_as_torch_optim_adam():
-    from fmreg.samreg.fit import Adam
+    from fmreg.optimize.fit import Adam
 
     g = torch.Generator().manual_seed(1)
     target = torch.randn(4, 5, generator=g)
@@ -407,7 +407,7 @@ def test_adam_takes_the_same_steps_as_torch_optim_adam():
 
 # ---------------------------------------------------------------------------- fine settings gate
 def test_correlation_is_one_for_an_intensity_gain_minus_one_for_inversion_and_zero_for_a_constant():
-    from fmreg.samreg.fit import _correlation
+    from fmreg.optimize.fit import _correlation
 
     a = torch.rand(17, 9, generator=torch.Generator().manual_seed(1))
     assert _correlation(a, 3 * a + 2) == pytest.approx(1.0, abs=1e-6)

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from fmreg.errors import FmregError
-from fmreg.samreg.filtering import (
+from fmreg.segment.filtering import (
     MAX_AREA_FRAC,
     MAX_OVERLAP,
     MIN_AREA_FRAC,
@@ -16,9 +16,9 @@ from fmreg.samreg.filtering import (
     filter_proposals,
     overlap_ratio,
 )
-from fmreg.samreg.matching import Match, match_rois, similarity_matrix
-from fmreg.samreg.proposals import RoiProposals
-from fmreg.samreg.prototypes import resize_masks, roi_prototypes
+from fmreg.correspond.matching import Match, match_rois, similarity_matrix
+from fmreg.segment.base import RoiProposals
+from fmreg.correspond.prototypes import resize_masks, roi_prototypes
 
 
 def _box(shape, r0, r1, c0, c1):

@@ -1,4 +1,4 @@
-"""SAMReg end to end (fmreg.samreg.pipeline and fmreg.methods.samreg).
+"""SAMReg end to end (fmreg.correspond.pairs and fmreg.methods.samreg).
 
 The ROI stage is checked with a fake segmenter and encoder whose masks and features are
 known exactly: the segmenter returns one mask per positive integer intensity of a slice,
@@ -16,21 +16,21 @@ import torch
 from torch.testing import assert_close
 
 from fmreg.errors import FmregError
-from fmreg.field import DisplacementField, jacobian_determinant, warp_labels
-from fmreg.grid import Frame, Grid, through_plane_axis
-from fmreg.image import Image
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, warp_labels
+from fmreg.core.grid import Frame, Grid, through_plane_axis
+from fmreg.core.image import Image
 from fmreg.methods import get_method
-from fmreg.metrics import dice
+from fmreg.evaluate.metrics import dice
 from fmreg.phantoms import make_pair
-from fmreg.samreg.fit import FitOptions
-from fmreg.samreg.pipeline import (
+from fmreg.optimize.fit import FitOptions
+from fmreg.correspond.pairs import (
     RoiPair,
     SamRegOptions,
     find_roi_pairs,
     label_roi_pairs,
     samreg,
 )
-from fmreg.samreg.proposals import Encoder, RoiProposals, Segmenter
+from fmreg.segment.base import Encoder, RoiProposals, Segmenter
 
 
 # Tiny problems: thread start-up and contention cost more than the work (measured 0.15 s
@@ -465,7 +465,7 @@ def test_samreg_sam_without_a_model_is_a_user_error(monkeypatch):
 def test_sam_masks_of_identical_images_pair_with_themselves(tiny_sam_dir):
     # SamBackend's own thresholds at 0 so the random tiny model yields masks; identical
     # images give identical masks and prototypes, so each ROI pairs with an identical ROI.
-    from fmreg.samreg.sam import SamBackend
+    from fmreg.segment.segment_anything import SamBackend
 
     backend = SamBackend(str(tiny_sam_dir), points_per_side=4, points_per_batch=16,
                          pred_iou_thresh=0.0, stability_score_thresh=0.0, progress=False)

@@ -1,8 +1,8 @@
 """The ``fmreg`` command line: one dataclass per subcommand, parsed with argparse.
 
 Each subcommand is a dataclass whose fields are its arguments (declared with :func:`arg`) and
-whose :meth:`Command.run` calls the functional core in :mod:`fmreg.runner` /
-:mod:`fmreg.bench`. Nothing here computes anything.
+whose :meth:`Command.run` calls the functional core in :mod:`fmreg.app.runner` /
+:mod:`fmreg.app.bench`. Nothing here computes anything.
 
 Errors the user can cause are :class:`~fmreg.errors.FmregError`: :func:`main` prints them as
 one ``fmreg: error: ...`` line and returns 1; Ctrl-C returns 130. Any other exception is a bug
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from . import __version__
-from .errors import FmregError
-from .runner import DEFAULT_METHOD
+from fmreg import __version__
+from fmreg.errors import FmregError
+from fmreg.app.runner import DEFAULT_METHOD
 
 PROG = "fmreg"
 
@@ -67,7 +67,7 @@ class Command:
 
     @property
     def log(self):
-        from .runner import quiet_log, stderr_log
+        from fmreg.app.runner import quiet_log, stderr_log
 
         return quiet_log if self.quiet else stderr_log
 
@@ -109,7 +109,7 @@ reported as label 1); any other label map scores every non-zero value in the fix
     param: list[str] | None = arg("--param", help="method parameter key=value (repeat the option for several)", action="append", metavar="KEY=VALUE")
 
     def run(self) -> int:
-        from .runner import parse_params, register
+        from fmreg.app.runner import parse_params, register
 
         outcome = register(
             self.fixed,
@@ -153,7 +153,7 @@ class Warp(Command):
     overwrite: bool = arg("--overwrite", help="replace an existing file in an input's folder", default=False, action="store_true")
 
     def run(self) -> int:
-        from .runner import warp_file
+        from fmreg.app.runner import warp_file
 
         out = warp_file(self.moving, self.ddf, self.reference, self.output, labels=self.labels, smooth=self.smooth, overwrite=self.overwrite, log=self.log)
         print(out)
@@ -175,7 +175,7 @@ Values <= 0 are folds."""
     overwrite: bool = arg("--overwrite", help="replace an existing file in an input's folder", default=False, action="store_true")
 
     def run(self) -> int:
-        from .runner import jacobian_file
+        from fmreg.app.runner import jacobian_file
 
         s = jacobian_file(self.ddf, self.output, overwrite=self.overwrite, log=self.log)
         print(f"det J in [{s['min']:.3f}, {s['max']:.3f}], folding {s['folding_pct']:.3f} %, std log|J| {s['std_log_jacobian']:.4f}")
@@ -203,7 +203,7 @@ with --ddf also folding % and std log|J|, and landmark TRE given landmarks."""
     overwrite: bool = arg("--overwrite", help="replace an existing file in an input's folder", default=False, action="store_true")
 
     def run(self) -> int:
-        from .runner import evaluate_files
+        from fmreg.app.runner import evaluate_files
 
         doc = evaluate_files(
             self.fixed_labels,
@@ -250,7 +250,7 @@ has landmarks, else centroid TRE."""
     overwrite: bool = arg("--overwrite", help="replace existing files even in an input's folder", default=False, action="store_true")
 
     def run(self) -> int:
-        from .bench import method_means, run_bench
+        from fmreg.app.bench import method_means, run_bench
 
         res = run_bench(
             self.manifest,
@@ -283,7 +283,7 @@ register them and print where the pictures are, with the Dice before and after."
     param: list[str] | None = arg("--param", help="method parameter key=value (repeat the option for several)", action="append", metavar="KEY=VALUE")
 
     def run(self) -> int:
-        from .runner import demo, parse_params
+        from fmreg.app.runner import demo, parse_params
 
         for s in demo(self.outdir, method=self.method or DEFAULT_METHOD, params=parse_params(self.param), log=self.log):
             print(
@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import SimpleITK as sitk
 
         # ITK prints multi-line warnings for headers it reads correctly anyway (e.g. ACDC's
-        # unit-scale sform, see fmreg.io); they would drown the progress lines.
+        # unit-scale sform, see fmreg.io.images); they would drown the progress lines.
         sitk.ProcessObject.SetGlobalWarningDisplay(False)
         return command.run()
     except FmregError as exc:

@@ -9,7 +9,7 @@ The moving image is the same anatomy seen through a smooth, invertible map
 ``moving(y) = phantom(S(y))``. Rendering the moving image and labels at ``S(y)`` directly is
 equivalent to warping the fixed phantom (labels with nearest neighbour) but does not add a
 second interpolation. The ground truth returned is the inverse, ``T = S⁻¹``, sampled on the
-fixed grid: the fixed→moving transform of :mod:`fmreg.field`, so
+fixed grid: the fixed→moving transform of :mod:`fmreg.transforms.displacement`, so
 ``warp(moving, true_field) ≈ fixed`` and ``warp_labels(moving_labels, true_field) ≈
 fixed_labels``.
 """
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .field import DisplacementField
-from .grid import Frame, Grid
-from .image import Image
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
 
 __all__ = ["LABEL_NAMES", "PhantomPair", "make_pair", "phantom_grid"]
 

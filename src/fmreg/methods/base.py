@@ -6,9 +6,9 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from ..errors import FmregError
-from ..field import DisplacementField
-from ..image import Image
+from fmreg.errors import FmregError
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.core.image import Image
 
 
 @dataclass
@@ -16,7 +16,7 @@ class RegistrationResult:
     """The outcome of one registration.
 
     Attributes:
-        field: Fixed→moving displacement on the fixed grid (see :mod:`fmreg.field`).
+        field: Fixed→moving displacement on the fixed grid (see :mod:`fmreg.transforms.displacement`).
         method: Method name as the user chose it (e.g. ``"demons"``, ``"samreg"``).
         parameters: The settings that produced it (JSON-serialisable).
         info: Extra JSON-serialisable details (stage timings, ROI pairs, ...).
@@ -64,7 +64,7 @@ def register_method(name: str):
 
 
 def available_methods() -> list[str]:
-    from . import _load_all  # noqa: F401  (fills the registry)
+    import fmreg.methods  # noqa: F401  (importing the package fills the registry)
 
     return sorted(_REGISTRY)
 

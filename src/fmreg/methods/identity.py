@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..field import DisplacementField
-from ..image import Image
-from .base import RegistrationResult, register_method
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.core.image import Image
+from fmreg.methods.base import RegistrationResult, register_method
 
 
 @register_method("identity")

@@ -3,7 +3,7 @@
 * ``samreg``: classical segment-everything + classical encoder; needs no weights.
 * ``samreg-sam``: Segment Anything (transformers ``SamModel``) for both ROIs and prototypes;
   the model folder comes from ``model=PATH`` or the ``FMREG_SAM_MODEL`` environment variable;
-  ``sam_<option>=value`` sets a :class:`fmreg.samreg.sam.SamBackend` option.
+  ``sam_<option>=value`` sets a :class:`fmreg.segment.segment_anything.SamBackend` option.
 * ``samreg-labels``: the paper's Case 1, pairs taken from the label maps: an upper bound that
   sees the ground truth, hence its own name.
 
@@ -16,12 +16,12 @@ import os
 from dataclasses import asdict, fields
 from typing import Any
 
-from ..errors import FmregError
-from ..image import Image
-from ..report import RoiPairView, save_roi_pairs
-from ..samreg.fit import FitOptions
-from ..samreg.pipeline import SamRegOptions, fit_pairs, label_roi_pairs, samreg
-from .base import RegistrationResult, check_parameter_types, register_method
+from fmreg.errors import FmregError
+from fmreg.core.image import Image
+from fmreg.figures.report import RoiPairView, save_roi_pairs
+from fmreg.optimize.fit import FitOptions
+from fmreg.correspond.pairs import SamRegOptions, fit_pairs, label_roi_pairs, samreg
+from fmreg.methods.base import RegistrationResult, check_parameter_types, register_method
 
 _ROI_KEYS = {f.name for f in fields(SamRegOptions)}
 _FIT_KEYS = {f.name for f in fields(FitOptions)}
@@ -46,12 +46,12 @@ SAM_DEFAULTS = {"pred_iou_thresh": 0.90, "stability_score_thresh": 0.90}
 
 def _make_backend(kind: str, model: str | None, role: str, cache: dict, sam_options: dict | None = None):
     if kind == "classical":
-        from ..samreg.classical import ClassicalEncoder, ClassicalSegmenter
+        from fmreg.segment.classical import ClassicalEncoder, ClassicalSegmenter
 
         return ClassicalSegmenter() if role == "segmenter" else ClassicalEncoder()
     if kind == "sam":
         if "sam" not in cache:
-            from ..samreg.sam import SamBackend
+            from fmreg.segment.segment_anything import SamBackend
 
             path = model or os.environ.get("FMREG_SAM_MODEL")
             if not path:

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import FmregError, require
-from ..field import DisplacementField
-from ..grid import Frame, Grid
-from ..image import Image, check_pair
-from .base import RegistrationResult, register_method
+from fmreg.errors import FmregError, require
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image, check_pair
+from fmreg.methods.base import RegistrationResult, register_method
 
 
 def _ants():

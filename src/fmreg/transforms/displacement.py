@@ -5,10 +5,10 @@ that maps *fixed-image* physical points to *moving-image* physical points,
 ``T(x) = x + u(x)``, with ``u`` sampled on the fixed grid. Warping pulls back: the warped
 image on the fixed grid is ``moving(T(x))``. This is ITK's ``DisplacementFieldTransform``
 as used by ``sitk.Resample(moving, fixed, transform)``, so ``ddf.nii.gz`` written by
-:func:`fmreg.io.write_field` loads unchanged in SimpleITK / ITK / 3D Slicer.
+:func:`fmreg.io.images.write_field` loads unchanged in SimpleITK / ITK / 3D Slicer.
 
-A :class:`DisplacementField` carries its frame (:class:`fmreg.grid.Frame`); its components
-are always in ``(x, y[, z])`` order (see :mod:`fmreg.grid`).
+A :class:`DisplacementField` carries its frame (:class:`fmreg.core.grid.Frame`); its components
+are always in ``(x, y[, z])`` order (see :mod:`fmreg.core.grid`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import FmregError
-from .grid import Frame, Grid
-from .image import Image
+from fmreg.errors import FmregError
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
 
 
 @dataclass

@@ -20,10 +20,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import FmregError
-from .field import DisplacementField
-from .grid import Frame, Grid
-from .image import Image
+from fmreg.errors import FmregError
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
 
 # ITK warns about every ACDC file ("unexpected scales in sform") although it then reads
 # the correct spacing from the header; the warning would drown fmreg's own messages.

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import FmregError
+from fmreg.errors import FmregError
 
 
 class Frame(str, Enum):

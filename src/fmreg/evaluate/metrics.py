@@ -1,6 +1,6 @@
 """Registration accuracy metrics: overlap, surface distance, landmark/centroid TRE, regularity.
 
-All functions are plain functions on tensors plus a :class:`~fmreg.grid.Grid`:
+All functions are plain functions on tensors plus a :class:`~fmreg.core.grid.Grid`:
 
 * Label maps and masks are tensors of shape ``grid.shape`` in **array order** (``(Z, Y, X)``
   or ``(Y, X)``), on any device; they are compared voxel by voxel, so both must already lie on
@@ -8,7 +8,7 @@ All functions are plain functions on tensors plus a :class:`~fmreg.grid.Grid`:
   labels).
 * Distances are in the grid's physical units (mm for NIfTI; 1 unit = 1 pixel for the PNG
   slices, whose grids have unit spacing and identity direction).
-* Points list their components in ITK order ``(x, y[, z])`` (see :mod:`fmreg.grid`).
+* Points list their components in ITK order ``(x, y[, z])`` (see :mod:`fmreg.core.grid`).
 
 Undefined scores (a label absent from a map, an empty mask) are returned as NaN and reported
 with a :class:`RuntimeWarning` rather than raised, so one bad label does not abort a benchmark;
@@ -31,8 +31,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from .errors import FmregError
-from .grid import Frame, Grid
+from fmreg.errors import FmregError
+from fmreg.core.grid import Frame, Grid
 
 __all__ = [
     "LabelScores",

@@ -1,6 +1,6 @@
 """``fmreg bench``: register every pair of a manifest with each method and tabulate the scores.
 
-Outputs (all written atomically, see :class:`fmreg.runner.Staging`):
+Outputs (all written atomically, see :class:`fmreg.app.runner.Staging`):
 
 * ``OUTDIR/results.csv`` with the columns ``name, method, dice_mean, dice_<value>...,
   hd95_mean, tre_mean, tre_median, folding_pct, seconds, peak_mem_mb`` (one ``dice_<value>``
@@ -13,7 +13,7 @@ Outputs (all written atomically, see :class:`fmreg.runner.Staging`):
 TRE: the landmark TRE (mean/median over points) when the pair has landmarks, otherwise the
 centroid TRE of its labels (distance between label centroids, SAMReg's measure; mean/median
 over labels). Units are mm, or pixels for PNG pairs. ``seconds`` and ``peak_mem_mb`` cover
-``method.register`` only (see :mod:`fmreg.runner`).
+``method.register`` only (see :mod:`fmreg.app.runner`).
 
 Every pair is read and validated before the first registration starts, so a bad file is
 reported at once rather than after an hour of work.
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import FmregError
-from .manifest import PairSpec, read_manifest
-from .runner import (
+from fmreg.errors import FmregError
+from fmreg.io.manifest import PairSpec, read_manifest
+from fmreg.app.runner import (
     DEFAULT_METHOD,
     Log,
     Staging,
@@ -202,7 +202,7 @@ def run_bench(
     """Register every selected pair of ``manifest`` with each method and write the tables.
 
     Args:
-        manifest: Pair manifest CSV (see :mod:`fmreg.manifest`).
+        manifest: Pair manifest CSV (see :mod:`fmreg.io.manifest`).
         methods: Method names (default: ``[DEFAULT_METHOD]``); repeats are dropped.
         outdir: Output folder.
         pairs: Only these pair names (default: all), in manifest order.

@@ -11,7 +11,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import FmregError
+from fmreg.errors import FmregError
 
 __all__ = [
     "MATCH_MODES",

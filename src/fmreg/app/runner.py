@@ -47,15 +47,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import __version__
-from .errors import FmregError
-from .field import DisplacementField, jacobian_determinant, sample, warp, warp_labels
-from .grid import Frame, Grid
-from .image import Image, check_label_grid, check_pair
-from .io import is_2d_raster, read_field, read_image, suffix_of, write_field, write_image
-from .manifest import LabelSpec, read_landmark_pair
-from .methods.base import Method, RegistrationResult, get_method
-from . import metrics
+from fmreg import __version__
+from fmreg.errors import FmregError
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, sample, warp, warp_labels
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image, check_label_grid, check_pair
+from fmreg.io.images import is_2d_raster, read_field, read_image, suffix_of, write_field, write_image
+from fmreg.io.manifest import LabelSpec, read_landmark_pair
+from fmreg.methods.base import Method, RegistrationResult, get_method
+from fmreg.evaluate import metrics
 
 #: The method ``register``, ``bench`` and ``demo`` use when none is named.
 DEFAULT_METHOD = "samreg"
@@ -651,7 +651,7 @@ def register_into(
     write_field(field_, stage / names["ddf"])
     if warped_labels is not None:
         write_image(warped_labels, stage / names["warped_labels"])
-    from . import report  # drawing is needed only here; keeps `import fmreg.runner` light
+    from fmreg.figures import report  # drawing is needed only here; keeps `import fmreg.app.runner` light
 
     title = f"{method_name}"
     if "mean_dice" in mets and mets["mean_dice"] is not None and math.isfinite(mets["mean_dice"]):
@@ -762,7 +762,7 @@ def warp_file(
         reference: Image whose grid the field lies on (the fixed image).
         output: Output file (format by extension; PNG for 2D pictures).
         labels: Treat ``moving`` as a label map: nearest neighbour, integer values kept.
-        smooth: With ``labels``: the per-label smooth warp of :func:`fmreg.field.warp_labels`.
+        smooth: With ``labels``: the per-label smooth warp of :func:`fmreg.transforms.displacement.warp_labels`.
         overwrite: Allow replacing an existing file in an input's folder.
 
     Returns:
@@ -825,7 +825,7 @@ def jacobian_file(
     log(f"reading {Path(ddf).name}")
     fld = read_field(ddf)
     jac = jacobian_determinant(fld)
-    from . import report
+    from fmreg.figures import report
 
     with Staging(output.parent) as staging:
         if not png_only:
@@ -927,7 +927,7 @@ def demo(
         ``dice_after``, ``field_error_mm`` (mean endpoint error against the known deformation
         inside the labelled anatomy), ``seconds``.
     """
-    from . import phantoms
+    from fmreg import phantoms
 
     outdir = absolute(outdir)
     summaries = []

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import FmregError
-from ..field import DisplacementField
-from ..grid import Grid, through_plane_axis
-from ..image import Image
-from ..metrics import physical_centroid
-from .filtering import filter_proposals
-from .fit import FitOptions, fit_field
-from .matching import match_rois, similarity_matrix
-from .proposals import Encoder, RoiProposals, Segmenter
-from .prototypes import roi_prototypes
+from fmreg.errors import FmregError
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.core.grid import Grid, through_plane_axis
+from fmreg.core.image import Image
+from fmreg.evaluate.metrics import physical_centroid
+from fmreg.segment.filtering import filter_proposals
+from fmreg.optimize.fit import FitOptions, fit_field
+from fmreg.correspond.matching import match_rois, similarity_matrix
+from fmreg.segment.base import Encoder, RoiProposals, Segmenter
+from fmreg.correspond.prototypes import roi_prototypes
 
 log = logging.getLogger("fmreg")
 
@@ -198,7 +198,7 @@ def find_roi_pairs(
     Args:
         fixed, moving: Images of the same dimensionality. In 3D both are sliced along the
             fixed image's through-plane axis; their slice counts may differ.
-        segmenter, encoder: Any backend pair (see :mod:`fmreg.samreg.proposals`).
+        segmenter, encoder: Any backend pair (see :mod:`fmreg.segment.base`).
         options: ROI-stage settings.
         timings: Optional dict that receives stage durations in seconds.
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import FmregError
-from .proposals import RoiProposals
+from fmreg.errors import FmregError
+from fmreg.segment.base import RoiProposals
 
 __all__ = [
     "MAX_AREA_FRAC",

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import FmregError
-from .metrics import binarize_fg
+from fmreg.errors import FmregError
+from fmreg.evaluate.metrics import binarize_fg
 
 __all__ = [
     "LabelSpec",
@@ -102,7 +102,7 @@ class LabelSpec:
             labels: Label map, any shape; for ``fg`` the raw 0..255 mask (apply once only).
 
         Returns:
-            The binarized ``int64`` map for ``fg`` (see :func:`fmreg.metrics.binarize_fg`),
+            The binarized ``int64`` map for ``fg`` (see :func:`fmreg.evaluate.metrics.binarize_fg`),
             else ``labels`` unchanged.
         """
         return binarize_fg(labels) if self.fg else labels

@@ -10,7 +10,7 @@ axis of a cardiac stack such as ACDC, 1.56×1.56×10 mm) is shrunk less or not a
 axis is shrunk below a few voxels.
 
 Demons (with ``UseImageSpacing``) estimates a displacement field on the fixed grid, in world
-millimetres, that maps fixed points to moving points, the convention of :mod:`fmreg.field`.
+millimetres, that maps fixed points to moving points, the convention of :mod:`fmreg.transforms.displacement`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..errors import FmregError
-from ..field import DisplacementField
-from ..grid import Frame, Grid
-from ..image import Image, check_pair
-from ..io import to_sitk
-from .base import RegistrationResult, register_method
+from fmreg.errors import FmregError
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image, check_pair
+from fmreg.io.images import to_sitk
+from fmreg.methods.base import RegistrationResult, register_method
 
 # An axis is never shrunk to fewer voxels than this.
 _MIN_LEVEL_SIZE = 8

@@ -22,7 +22,7 @@ Every region gets SAM's two quality numbers:
   contour lying on image edges, lowered when a strong edge runs through its core
   (:func:`_contour_score`).
 
-These are not calibrated like SAM's numbers: with :func:`~fmreg.samreg.filtering.
+These are not calibrated like SAM's numbers: with :func:`~fmreg.segment.filtering.
 filter_proposals` use :attr:`ClassicalSegmenter.filter_thresholds` (``RECOMMENDED_MIN_SCORE``
 and ``RECOMMENDED_MIN_STABILITY``) instead of the paper's 0.90, which keeps only a handful of
 ROIs per slice. All arrays use the order (H, W) = (rows, columns); sizes are in pixels.
@@ -41,8 +41,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
-from ..errors import FmregError
-from .proposals import RoiProposals
+from fmreg.errors import FmregError
+from fmreg.segment.base import RoiProposals
 
 __all__ = [
     "RECOMMENDED_MIN_SCORE",
@@ -606,7 +606,7 @@ class ClassicalSegmenter:
 
     Attributes:
         filter_thresholds: ``min_score`` / ``min_stability`` keywords for
-            :func:`~fmreg.samreg.filtering.filter_proposals` suited to this backend's scores.
+            :func:`~fmreg.segment.filtering.filter_proposals` suited to this backend's scores.
     """
 
     name = "classical"

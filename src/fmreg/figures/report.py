@@ -1,6 +1,6 @@
 """Pictures people look at: registration overviews, ROI pairs, label overlays, Jacobian maps.
 
-Every picture is a PNG written atomically (:func:`fmreg.io.atomic_path`), drawn with Pillow
+Every picture is a PNG written atomically (:func:`fmreg.io.images.atomic_path`), drawn with Pillow
 and NumPy only. Conventions shared by all of them:
 
 * **Orientation.** A slice is shown in array order: row 0 of the slice at the top, column 0
@@ -32,12 +32,12 @@ from PIL import ImageDraw, ImageFont
 from scipy import ndimage
 from torch import Tensor
 
-from .errors import FmregError
-from .field import DisplacementField, jacobian_determinant, warp
-from .grid import Frame, Grid, through_plane_axis
-from .image import Image, check_label_grid
-from .io import atomic_path
-from .metrics import dice
+from fmreg.errors import FmregError
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, warp
+from fmreg.core.grid import Frame, Grid, through_plane_axis
+from fmreg.core.image import Image, check_label_grid
+from fmreg.io.images import atomic_path
+from fmreg.evaluate.metrics import dice
 
 __all__ = [
     "FOLD_COLOUR",
@@ -190,7 +190,7 @@ class _View:
 
 
 def _axis_name(ndim: int):
-    # Array axis k holds component ndim-1-k (see fmreg.grid), whose ITK name is x, y or z.
+    # Array axis k holds component ndim-1-k (see fmreg.core.grid), whose ITK name is x, y or z.
     return lambda k: "xyz"[ndim - 1 - k]
 
 

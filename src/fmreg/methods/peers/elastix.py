@@ -4,7 +4,7 @@ Needs the optional ``fmreg[peers]`` extra; ``itk`` is imported only when the met
 a missing package gives a one-line error that names the extra.
 
 Elastix's transform maps fixed points to moving points, the convention of
-:mod:`fmreg.field`; transformix turns it into a dense displacement field on the fixed grid
+:mod:`fmreg.transforms.displacement`; transformix turns it into a dense displacement field on the fixed grid
 in world millimetres, which is used as it is.
 """
 
@@ -17,11 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import FmregError, require
-from ..field import DisplacementField
-from ..grid import Frame, Grid
-from ..image import Image, check_pair
-from .base import RegistrationResult, register_method
+from fmreg.errors import FmregError, require
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image, check_pair
+from fmreg.methods.base import RegistrationResult, register_method
 
 
 def _itk():

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import FmregError
-from ..field import DisplacementField, sample
-from ..grid import Frame, Grid
-from ..image import Image
-from ..initialization import moments_affine
+from fmreg.errors import FmregError
+from fmreg.transforms.displacement import DisplacementField, sample
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
+from fmreg.optimize.initialization import moments_affine
 
 log = logging.getLogger("fmreg")
 
@@ -93,7 +93,7 @@ class FitOptions:
             uses every pair at every level (the paper's single-stage fit).
         initialize: ``"moments"`` starts from the affine map that matches the centroids and
             per-axis extents of the imaged objects (body, brain; see
-            :mod:`fmreg.initialization`) when both images show one whole; otherwise, and with
+            :mod:`fmreg.optimize.initialization`) when both images show one whole; otherwise, and with
             ``"identity"``, the fit starts from the identity. Measured on the two inter-subject
             abdomen CT pairs of ``../shared/data``: mean kidney Dice 0.48 → 0.79; no other pair
             of the set has a whole object in view, except the brain slices (unchanged).

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import FmregError, require
-from .proposals import RoiProposals
+from fmreg.errors import FmregError, require
+from fmreg.segment.base import RoiProposals
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import SamModel
@@ -418,8 +418,8 @@ def remove_small_regions(mask: Tensor, min_area: int) -> Tensor:
 
 
 class SamBackend:
-    """SAM as both a :class:`~fmreg.samreg.proposals.Segmenter` and an
-    :class:`~fmreg.samreg.proposals.Encoder`.
+    """SAM as both a :class:`~fmreg.segment.base.Segmenter` and an
+    :class:`~fmreg.segment.base.Encoder`.
 
     The image embedding of the last few slices is cached (keyed on the slice's values), so
     ``segment`` and ``features`` on the same slice run the expensive ViT encoder once.

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import FmregError
+from fmreg.errors import FmregError
 
 __all__ = ["resize_masks", "roi_prototypes"]
 
@@ -52,7 +52,7 @@ def roi_prototypes(features: Tensor, masks: Tensor) -> Tensor:
 
     Raises:
         FmregError: a mask is empty, so its prototype is undefined. Empty masks are a
-            segmenter bug or a missing filtering step (:func:`~fmreg.samreg.filtering.
+            segmenter bug or a missing filtering step (:func:`~fmreg.segment.filtering.
             filter_proposals` drops them); silently returning zeros would make the ROI match
             nothing, or anything, depending on the similarity mapping.
     """

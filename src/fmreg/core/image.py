@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import FmregError
-from .grid import Grid
+from fmreg.errors import FmregError
+from fmreg.core.grid import Grid
 
 
 @dataclass

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .grid import Frame, Grid
-from .image import Image
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
 
 log = logging.getLogger("fmreg")
 

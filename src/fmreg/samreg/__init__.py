@@ -1,1 +1,0 @@
-"""SAMReg: training-free registration from matched regions of interest (paper 002)."""

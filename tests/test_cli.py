@@ -253,8 +253,10 @@ def test_empty_label_reports_nan_with_a_warning_line(data, tmp_path, capsys):
 
 
 @needs_report
-def test_artifacts_and_info_of_a_method_are_written(data, tmp_path, monkeypatch):
+def test_roi_pairs_and_info_of_a_method_are_written(data, tmp_path, monkeypatch):
+    """A method returns ROI pairs as data; the app summarises them and draws roi_pairs.png."""
     from fmreg.app import runner
+    from fmreg.correspond.pairs import RoiPair
     from fmreg.methods.base import RegistrationResult
 
     class Fancy:
@@ -266,22 +268,26 @@ def test_artifacts_and_info_of_a_method_are_written(data, tmp_path, monkeypatch)
 
         def register(self, fixed, moving, fixed_labels=None, moving_labels=None):
             self.seen = (fixed_labels, moving_labels)
+            fm = fixed_labels.data == 1
+            mm = moving_labels.data == 1
             return RegistrationResult(
                 DisplacementField.identity(fixed.grid),
                 "fancy-labels",
                 parameters={"k": 1},
-                info={"roi_pairs": [{"similarity": 0.9}], "method": "shadowed"},
-                artifacts={"roi_pairs.png": lambda p: Path(p).write_bytes(b"\x89PNG fake")},
+                roi_pairs=[RoiPair(fm, mm, 0.9)],
+                stage_seconds={"fit": 0.25},
+                info={"method": "shadowed"},
             )
 
     inst = Fancy()
     monkeypatch.setattr(runner, "get_method", lambda name, **kw: inst)
     out = tmp_path / "out"
     assert main(_register_args(data["3d"], out, method="fancy") + ["-q"]) == 0
-    assert (out / "roi_pairs.png").read_bytes() == b"\x89PNG fake"
+    assert (out / "roi_pairs.png").read_bytes()[:4] == b"\x89PNG"
     doc = json.loads((out / "result.json").read_text())
     assert doc["method"] == "fancy-labels" and doc["parameters"] == {"k": 1}
-    assert doc["roi_pairs"] == [{"similarity": 0.9}] and doc["info"] == {"method": "shadowed"}
+    assert [p["similarity"] for p in doc["roi_pairs"]] == [0.9] and doc["info"] == {"method": "shadowed"}
+    assert doc["stage_seconds"] == {"fit": 0.25}
     assert "roi_pairs.png" in doc["outputs"]
     # A label-based method receives the label maps.
     assert inst.seen[0] is not None and inst.seen[1] is not None

@@ -327,10 +327,12 @@ def test_samreg_improves_dice_over_identity_on_the_phantom(phantom2d, samreg_res
     assert float(jacobian_determinant(samreg_result.field).min()) > 0
 
 
-def test_samreg_result_reports_pairs_stage_times_and_draws_them(phantom2d, samreg_result, tmp_path):
+def test_samreg_result_reports_pairs_stage_times_as_data(phantom2d, samreg_result):
     r = samreg_result
     assert r.method == "samreg" and r.field.grid == phantom2d.fixed.grid
-    pairs = r.info["roi_pairs"]
+    assert r.roi_pairs and all(p.fixed_mask.shape == phantom2d.fixed.grid.shape for p in r.roi_pairs)
+    details = r.details(phantom2d.fixed.grid, phantom2d.moving.grid)
+    pairs = details["roi_pairs"]
     assert isinstance(pairs, list) and pairs
     keys = {"similarity", "fixed_area_voxels", "moving_area_voxels", "fixed_centroid_mm",
             "moving_centroid_mm", "fixed_slice", "moving_slice", "source"}
@@ -338,13 +340,10 @@ def test_samreg_result_reports_pairs_stage_times_and_draws_them(phantom2d, samre
         assert keys <= set(s)
         assert 0.0 < s["similarity"] <= 1.0 and s["fixed_area_voxels"] > 0
         assert len(s["fixed_centroid_mm"]) == 2 and s["fixed_slice"] is None
-    assert {"segment_embed", "match", "fit"} <= set(r.info["stage_seconds"])
-    assert all(v >= 0 for v in r.info["stage_seconds"].values())
-    assert "levels" in r.info["fit"]
+    assert {"segment_embed", "match", "fit"} <= set(details["stage_seconds"])
+    assert all(v >= 0 for v in details["stage_seconds"].values())
+    assert "levels" in details["fit"]
     assert r.parameters["segmenter"] == "classical" and r.parameters["encoder"] == "classical"
-    path = tmp_path / "roi_pairs.png"
-    r.artifacts["roi_pairs.png"](path)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_samreg_labels_is_an_upper_bound_on_the_phantom(phantom2d):
@@ -354,7 +353,7 @@ def test_samreg_labels_is_an_upper_bound_on_the_phantom(phantom2d):
     r = method.register(p.fixed, p.moving, p.fixed_labels, p.moving_labels)
     after = _dice_after(p, r.field)
     assert all(after[label] > 0.9 for label in LABELS), after
-    assert [s["source"] for s in r.info["roi_pairs"]] == [f"labels:{v}" for v in LABELS]
+    assert [pair.source for pair in r.roi_pairs] == [f"labels:{v}" for v in LABELS]
     assert r.parameters["segmenter"] == "labels"
 
 
@@ -433,7 +432,7 @@ def test_samreg_with_the_sam_backend_runs_end_to_end(tiny_sam_dir):
     assert r.field.grid == fixed.grid and r.field.data.shape == (2, 48, 56)
     assert bool(torch.isfinite(r.field.data).all())
     assert float(jacobian_determinant(r.field).min()) > 0
-    assert {"segment_embed", "match", "fit"} <= set(r.info["stage_seconds"])
+    assert {"segment_embed", "match", "fit"} <= set(r.stage_seconds)
 
 
 def test_sam_options_reach_the_backend_and_bad_ones_are_user_errors(tiny_sam_dir):
@@ -447,8 +446,8 @@ def test_sam_options_reach_the_backend_and_bad_ones_are_user_errors(tiny_sam_dir
     r = method.register(fixed, fixed)
     assert r.parameters["sam"]["points_per_side"] == 4
     assert r.parameters["sam"]["pred_iou_thresh"] == 0.0
-    assert len(r.info["roi_pairs"]) > 0
-    assert all(p["similarity"] > 0.99 for p in r.info["roi_pairs"])
+    assert len(r.roi_pairs) > 0
+    assert all(p.similarity > 0.99 for p in r.roi_pairs)
     # Unspecified SAM options take the paper's 0.90 thresholds.
     assert get_method("samreg-sam", model="x").parameters()["sam"]["stability_score_thresh"] == 0.90
     with pytest.raises(FmregError, match="sam_bogus"):

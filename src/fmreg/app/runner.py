@@ -564,7 +564,7 @@ def _label_image(image: Image | None, spec: LabelSpec | None) -> Image | None:
 
 
 def output_names(pair: PairData) -> dict[str, str]:
-    """File names ``register`` writes for ``pair`` (role → name), besides method artifacts."""
+    """File names ``register`` writes for ``pair`` (role → name), besides roi_pairs.png."""
     ext = ".png" if pair.raster else ".nii.gz"
     names = {
         "warped": f"warped{ext}",
@@ -658,12 +658,11 @@ def register_into(
         title += f"  mean Dice {mets['mean_dice']:.3f}"
     report.save_overview(stage / names["overview"], pair.fixed, pair.moving, warped, field_, jacobian=jac, title=title)
     files = [n for n in names.values()]
-    for art_name, draw in (result.artifacts or {}).items():
-        safe = Path(art_name).name
-        if safe != art_name or safe in names.values():
-            raise RuntimeError(f"method {method_name} artifact name {art_name!r} is not a plain new file name")
-        draw(stage / safe)
-        files.append(safe)
+    if result.roi_pairs is not None:
+        views = [report.RoiPairView(p.fixed_mask, p.moving_mask, p.similarity, i + 1)
+                 for i, p in enumerate(result.roi_pairs)]
+        report.save_roi_pairs(stage / "roi_pairs.png", pair.fixed, pair.moving, views)
+        files.append("roi_pairs.png")
 
     doc: dict[str, Any] = {
         "fmreg_version": __version__,
@@ -681,7 +680,7 @@ def register_into(
     }
     # The method's own details (stage timings, ROI pairs, ...) join at the top level; a key that
     # would shadow one of ours stays inside "info" instead.
-    info = dict(result.info or {})
+    info = result.details(pair.fixed.grid, pair.moving.grid)
     clash = {k: v for k, v in info.items() if k in doc}
     doc.update({k: v for k, v in info.items() if k not in doc})
     if clash:
@@ -708,7 +707,7 @@ def register(
 
     Writes ``warped.nii.gz`` (``warped.png`` when the fixed image is a picture), ``ddf.nii.gz``,
     ``warped_labels.*`` (when moving labels are given), ``result.json``, ``overview.png`` and
-    the method's artifacts; all atomically (nothing is written when anything fails).
+    roi_pairs.png for a method with ROI pairs; all atomically (nothing is written when anything fails).
 
     Args:
         fixed, moving: Image files.

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from fmreg.errors import FmregError
 from fmreg.transforms.displacement import DisplacementField
 from fmreg.core.image import Image
+
+if TYPE_CHECKING:
+    from fmreg.correspond.pairs import RoiPair
 
 
 @dataclass
@@ -19,15 +22,32 @@ class RegistrationResult:
         field: Fixed→moving displacement on the fixed grid (see :mod:`fmreg.transforms.displacement`).
         method: Method name as the user chose it (e.g. ``"demons"``, ``"samreg"``).
         parameters: The settings that produced it (JSON-serialisable).
-        info: Extra JSON-serialisable details (stage timings, ROI pairs, ...).
-        artifacts: Extra pictures the method can draw: ``{file name: callable(path)}``.
+        roi_pairs: The matched ROI pairs (masks on the fixed and moving grids) of a method
+            that builds them (SAMReg), None for the others; the app writes their summary to
+            ``result.json`` and draws ``roi_pairs.png``.
+        fit_report: What the dense fit did (JSON-serialisable), None without one.
+        stage_seconds: Wall time of each stage of the method, seconds.
+        info: Any other JSON-serialisable details.
     """
 
     field: DisplacementField
     method: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    roi_pairs: list["RoiPair"] | None = None
+    fit_report: dict[str, Any] | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
-    artifacts: dict[str, Callable[[Any], None]] = field(default_factory=dict)
+
+    def details(self, fixed_grid, moving_grid) -> dict[str, Any]:
+        """The method's details for ``result.json``: ROI pair summaries, stage timings, fit report."""
+        out: dict[str, Any] = {}
+        if self.roi_pairs is not None:
+            out["roi_pairs"] = [p.summary(fixed_grid, moving_grid) for p in self.roi_pairs]
+        if self.stage_seconds:
+            out["stage_seconds"] = {k: round(v, 3) for k, v in self.stage_seconds.items()}
+        if self.fit_report is not None:
+            out["fit"] = self.fit_report
+        return {**out, **self.info}
 
 
 @runtime_checkable

@@ -18,7 +18,6 @@ from typing import Any
 
 from fmreg.errors import FmregError
 from fmreg.core.image import Image
-from fmreg.figures.report import RoiPairView, save_roi_pairs
 from fmreg.optimize.fit import FitOptions
 from fmreg.correspond.pairs import SamRegOptions, fit_pairs, label_roi_pairs, samreg
 from fmreg.methods.base import RegistrationResult, check_parameter_types, register_method
@@ -104,20 +103,12 @@ class SamRegMethod:
         seg = _make_backend(self.segmenter_kind, self.model, "segmenter", cache, self.sam_options)
         enc = _make_backend(self.encoder_kind, self.model, "encoder", cache, self.sam_options)
         out = samreg(fixed, moving, seg, enc, self.roi_options, self.fit_options)
-        return _result(self.name, self.parameters(), fixed, moving, out.field, out.pairs, out.timings, out.fit_report)
+        return _result(self.name, self.parameters(), out.field, out.pairs, out.timings, out.fit_report)
 
 
-def _result(name, parameters, fixed, moving, field, pairs, timings, fit_report) -> RegistrationResult:
-    info = {
-        "roi_pairs": [p.summary(fixed.grid, moving.grid) for p in pairs],
-        "stage_seconds": {k: round(v, 3) for k, v in timings.items()},
-        "fit": fit_report,
-    }
-    views = [RoiPairView(p.fixed_mask, p.moving_mask, p.similarity, i + 1) for i, p in enumerate(pairs)]
-    return RegistrationResult(
-        field, name, parameters, info,
-        artifacts={"roi_pairs.png": lambda path: save_roi_pairs(path, fixed, moving, views)},
-    )
+def _result(name, parameters, field, pairs, timings, fit_report) -> RegistrationResult:
+    return RegistrationResult(field, name, parameters, roi_pairs=list(pairs), fit_report=fit_report,
+                              stage_seconds=dict(timings))
 
 
 class SamRegLabelsMethod:
@@ -147,7 +138,7 @@ class SamRegLabelsMethod:
         field, report = fit_pairs(fixed, moving, pairs, self.fit_options)
         timings = {"fit": time.perf_counter() - t}
         params = {"segmenter": "labels", "fit": self.fit_options.to_dict()}
-        return _result(self.name, params, fixed, moving, field, pairs, timings, report)
+        return _result(self.name, params, field, pairs, timings, report)
 
 
 register_method("samreg")(lambda **p: SamRegMethod("samreg", **p))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from fmreg.core.intensity import normalize
 from fmreg.errors import FmregError
 from fmreg.segment.classical import (
     HIST_WEIGHT,
@@ -16,7 +17,6 @@ from fmreg.segment.classical import (
     ClassicalSegmenter,
     classical_features,
     mind_ssc,
-    normalize_intensity,
     propose_regions,
 )
 from fmreg.segment.filtering import filter_proposals
@@ -78,13 +78,13 @@ def test_protocols():
         ClassicalEncoder(sigma=3)
 
 
-def test_normalize_intensity_uses_robust_percentiles():
+def test_normalize_uses_robust_percentiles():
     img = np.linspace(0.0, 1.0, 101, dtype=np.float32).reshape(1, -1).repeat(4, 0)
     img[0, 0] = 1e6  # a hot pixel must not compress the range
-    out = normalize_intensity(img)
+    out = normalize(img)
     assert out.min() == 0.0 and out.max() == 1.0
     assert_close(torch.from_numpy(out[1, 50:51]), torch.tensor([0.5]), atol=0.02, rtol=0)
-    assert (normalize_intensity(np.full((5, 5), 7.0)) == 0).all()
+    assert (normalize(np.full((5, 5), 7.0)) == 0).all()
 
 
 def test_segmenter_finds_each_known_shape():

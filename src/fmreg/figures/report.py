@@ -32,6 +32,7 @@ from PIL import ImageDraw, ImageFont
 from scipy import ndimage
 from torch import Tensor
 
+from fmreg.core.intensity import percentile_window
 from fmreg.errors import FmregError
 from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, warp
 from fmreg.core.grid import Frame, Grid, through_plane_axis
@@ -304,12 +305,7 @@ def _np(t: Tensor | np.ndarray) -> np.ndarray:
 
 def _window(arr: np.ndarray) -> tuple[float, float]:
     """Robust display range: the 1st and 99th percentiles of the finite values."""
-    finite = arr[np.isfinite(arr)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = (float(v) for v in np.percentile(finite, (1, 99)))
-    if hi <= lo:
-        lo, hi = float(finite.min()), float(finite.max())
+    lo, hi = percentile_window(arr)
     return lo, hi if hi > lo else lo + 1.0
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fmreg.core.intensity import normalize, resize
 from fmreg.errors import FmregError
 from fmreg.transforms.displacement import DisplacementField, sample
 from fmreg.core.grid import Frame, Grid
@@ -180,14 +181,6 @@ def _to_norm(u_phys: Tensor, m: Tensor) -> Tensor:
     return torch.einsum("ij,j...->...i", m, u_phys)[None]
 
 
-def _resize(t: Tensor, shape: Sequence[int]) -> Tensor:
-    """Linear resize of ``(C, *shape)`` to ``(C, *new_shape)`` with align_corners=True."""
-    if tuple(t.shape[1:]) == tuple(shape):
-        return t
-    mode = "trilinear" if len(shape) == 3 else "bilinear"
-    return F.interpolate(t[None], size=tuple(shape), mode=mode, align_corners=True)[0]
-
-
 def scaling_and_squaring(v_norm: Tensor, ident: Tensor, steps: int) -> Tensor:
     """Displacement of ``exp(v)``: ``(1, *shape, ndim)`` normalized units in and out."""
     u = v_norm / (2**steps)
@@ -261,11 +254,6 @@ def _match_histogram(moving: Tensor, fixed: Tensor) -> Tensor:
     from skimage.exposure import match_histograms
 
     return torch.from_numpy(match_histograms(moving.numpy(), fixed.numpy()).astype("float32"))
-
-
-def _normalise_intensity(x: Tensor) -> Tensor:
-    lo, hi = torch.quantile(x.flatten()[:: max(1, x.numel() // 200_000)], torch.tensor([0.01, 0.99]))
-    return ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
 
 
 class Adam:
@@ -367,8 +355,8 @@ def fit_field(
     ndim = fixed_grid.ndim
     v_phys: Tensor | None = None
     report = FitReport()
-    fixed_image_n = _normalise_intensity(fixed_image.float()) if use_image else None
-    moving_image_n = _normalise_intensity(moving_image.float()) if use_image else None
+    fixed_image_n = normalize(fixed_image, max_samples=200_000) if use_image else None
+    moving_image_n = normalize(moving_image, max_samples=200_000) if use_image else None
     if use_image and opt.match_histogram:
         moving_image_n = _match_histogram(moving_image_n, fixed_image_n)
 
@@ -411,7 +399,7 @@ def fit_field(
             work = grid.numel * (1 + (k if roi_on else 0))
             torch.set_num_threads(1 if work < SINGLE_THREAD_WORK else n_threads)
             pts = grid.coordinates(Frame.PHYSICAL)
-            fm = _resize(fixed_masks.float(), grid.shape) if k else None
+            fm = resize(fixed_masks.float(), grid.shape) if k else None
             # Moving data on this level's grid, via world coordinates (identity transform).
             mm = sample(moving_masks.float(), moving_grid, pts, fill=0.0) if k else None
             support = None
@@ -423,7 +411,7 @@ def fit_field(
             if use_image:
                 # The finest optimised level keeps every detail it can sample.
                 sigma = opt.pyramid_sigma if level != active[-1] else 0.0
-                fi = _resize(_antialias(fixed_image_n, fixed_grid, grid, sigma)[None], grid.shape)[0]
+                fi = resize(_antialias(fixed_image_n, fixed_grid, grid, sigma)[None], grid.shape)[0]
                 mi = sample(_antialias(moving_image_n, moving_grid, grid, sigma), moving_grid, pts, fill=0.0)
             else:
                 fi = mi = None
@@ -469,7 +457,7 @@ def fit_field(
             if v_phys is None:
                 init = torch.zeros((ndim, *ctrl_shape))
             else:
-                init = _resize(v_phys.detach(), ctrl_shape)
+                init = resize(v_phys.detach(), ctrl_shape)
             if roi_on and verify:
                 with torch.no_grad():
                     wm = _warp(mm, locations(init, a_mat, a_off))
@@ -581,7 +569,7 @@ def _upsample_disp(u: Tensor, shape: Sequence[int]) -> Tensor:
 
     Normalized units do not depend on the number of voxels, so no rescaling is needed.
     """
-    return _resize(u[0].movedim(-1, 0), shape).movedim(0, -1)[None]
+    return resize(u[0].movedim(-1, 0), shape).movedim(0, -1)[None]
 
 
 def _soft_dice(a: Tensor, b: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
+from fmreg.core.intensity import normalize, resize
 from fmreg.errors import FmregError
 from fmreg.segment.base import RoiProposals
 
@@ -52,7 +53,6 @@ __all__ = [
     "classical_features",
     "gaussian_blur",
     "mind_ssc",
-    "normalize_intensity",
     "propose_regions",
     "soft_histogram",
 ]
@@ -88,27 +88,6 @@ RECOMMENDED_MIN_STABILITY = 0.8
 # --------------------------------------------------------------------------- intensities
 
 
-def normalize_intensity(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
-    """Map intensities to [0, 1] by robust percentiles.
-
-    Args:
-        image: ``(H, W)`` array, any intensity range.
-        low, high: percentiles (0-100) mapped to 0 and 1; values outside are clipped, so a few
-            hot pixels do not compress the anatomy's contrast.
-
-    Returns:
-        ``(H, W)`` float32 array in [0, 1]; all zeros for a constant image.
-    """
-    img = np.asarray(image, dtype=np.float32)
-    lo, hi = np.percentile(img, [low, high])
-    if hi - lo <= 1e-12 * max(1.0, abs(float(hi))):
-        # Percentiles can coincide on images that are mostly background: fall back to min/max.
-        lo, hi = float(img.min()), float(img.max())
-        if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-            return np.zeros_like(img)
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
 def _equalize(img: np.ndarray, bins: int = 256) -> np.ndarray:
     """Global histogram equalisation of a [0, 1] image (values become their CDF, [0, 1])."""
     hist, edges = np.histogram(img, bins=bins, range=(0.0, 1.0))
@@ -134,8 +113,7 @@ def _resize(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Area-average resize (anti-aliased when shrinking)."""
     if img.shape == shape:
         return img
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=shape, mode="area")[0, 0].numpy()
+    return resize(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None], shape, mode="area")[0].numpy()
 
 
 def _upsample_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -538,7 +516,7 @@ def propose_regions(
 
     arr = _as_slice(image)
     shape = arr.shape
-    norm = normalize_intensity(arr)
+    norm = normalize(arr)
     scale = min(1.0, work_size / max(shape))
     wshape = (max(8, round(shape[0] * scale)), max(8, round(shape[1] * scale)))
     work = _resize(norm, wshape)
@@ -789,7 +767,7 @@ def classical_features(
         raise FmregError(f"feature stride must be >= 1, got {stride}")
     if hist_bins < 2:
         raise FmregError(f"hist_bins must be >= 2, got {hist_bins}")
-    x = torch.from_numpy(normalize_intensity(arr))[None, None]
+    x = torch.from_numpy(normalize(arr))[None, None]
     h, w = arr.shape
 
     def scaled(ch: Tensor, weight: float) -> Tensor:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fmreg.core.intensity import normalize
 from fmreg.errors import FmregError, require
 from fmreg.segment.base import RoiProposals
 
@@ -174,22 +175,7 @@ def intensity_to_rgb255(image: Tensor, window: tuple[float, float] = (0.5, 99.5)
     Returns:
         ``(H, W)`` float32 in [0, 255]; all zeros for a constant slice.
     """
-    x = image.detach().to(torch.float32)
-    flat = x.reshape(-1)
-    lo, hi = _percentile(flat, window[0]), _percentile(flat, window[1])
-    if hi - lo <= 0:
-        # Mostly-constant slices (e.g. background-heavy) can have an empty window: widen it.
-        lo, hi = float(flat.min()), float(flat.max())
-    if hi - lo <= 0:
-        return torch.zeros_like(x)
-    return ((x - lo) / (hi - lo)).clamp_(0.0, 1.0) * 255.0
-
-
-def _percentile(flat: Tensor, q: float) -> float:
-    # kthvalue (nearest rank) works for any size; torch.quantile refuses > 2**24 elements.
-    n = flat.numel()
-    k = int(round(q / 100.0 * (n - 1))) + 1
-    return float(flat.kthvalue(min(max(k, 1), n)).values)
+    return normalize(image.detach(), *window) * 255.0
 
 
 def preprocess(

@@ -1,0 +1,83 @@
+"""Intensity windows and array resizing: the one implementation of each.
+
+Every part of fmreg that brings intensities of any range (CT in HU, MR in arbitrary units) to
+a fixed range uses :func:`percentile_window`: percentiles rather than min/max keep a few hot
+voxels from compressing the anatomy's contrast.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Array = TypeVar("Array", Tensor, np.ndarray)
+
+
+def percentile_window(
+    data: Tensor | np.ndarray, low: float = 1.0, high: float = 99.0, max_samples: int | None = None
+) -> tuple[float, float]:
+    """Robust intensity range: the ``low``-th and ``high``-th percentiles of the finite values.
+
+    Args:
+        data: Intensities of any shape.
+        low, high: Percentiles in ``[0, 100]`` (linear interpolation between ranks).
+        max_samples: Estimate from every ``n // max_samples``-th value (flattened order) when
+            there are more values than this; None uses all.
+
+    Returns:
+        ``(lo, hi)``. When the percentiles coincide (an image that is mostly background) the
+        window widens to the finite min and max; ``lo == hi`` only for a constant image, and
+        ``(0.0, 0.0)`` when nothing is finite.
+    """
+    arr = data.detach().cpu().numpy() if isinstance(data, Tensor) else np.asarray(data)
+    flat = arr.reshape(-1)
+    if max_samples is not None:
+        flat = flat[:: max(1, flat.size // max_samples)]
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return 0.0, 0.0
+    lo, hi = (float(v) for v in np.percentile(flat, (low, high)))
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        lo, hi = float(flat.min()), float(flat.max())
+    return lo, hi
+
+
+def normalize(data: Array, low: float = 1.0, high: float = 99.0, max_samples: int | None = None) -> Array:
+    """Intensities mapped to ``[0, 1]`` by :func:`percentile_window`, clipped outside it.
+
+    Returns:
+        float32 array or tensor of ``data``'s shape and kind; all zeros for a constant image.
+    """
+    lo, hi = percentile_window(data, low, high, max_samples)
+    if isinstance(data, Tensor):
+        x = data.to(torch.float32)
+        if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+            return torch.zeros_like(x)
+        return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+    x = np.asarray(data, dtype=np.float32)
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        return np.zeros_like(x)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def resize(data: Tensor, shape: Sequence[int], mode: str = "linear") -> Tensor:
+    """Resize ``(C, *old_shape)`` channels to ``(C, *shape)`` (2D or 3D spatial axes).
+
+    Args:
+        data: ``(C, *old_shape)`` float tensor, array order.
+        shape: New spatial shape, array order.
+        mode: ``"linear"``: first and last voxel centres stay in place (``align_corners=True``,
+            the convention of :meth:`fmreg.core.grid.Grid.resized`); ``"area"``: averages of
+            the covered voxels (anti-aliased shrinking).
+    """
+    shape = tuple(int(s) for s in shape)
+    if tuple(data.shape[1:]) == shape:
+        return data
+    if mode == "area":
+        return F.interpolate(data[None], size=shape, mode="area")[0]
+    torch_mode = "trilinear" if len(shape) == 3 else "bilinear"
+    return F.interpolate(data[None], size=shape, mode=torch_mode, align_corners=True)[0]

@@ -18,7 +18,7 @@ from fmreg.io.images import read_image, write_image
 from fmreg.methods import available_methods
 
 needs_report = pytest.mark.skipif(
-    importlib.util.find_spec("fmreg.figures.report") is None, reason="fmreg.figures.report (overview pictures) not written yet"
+    importlib.util.find_spec("fmreg.figures") is None, reason="fmreg.figures (overview pictures) not written yet"
 )
 METHODS = ["identity", "demons"] if "demons" in available_methods() else ["identity"]
 

@@ -26,11 +26,12 @@ from fmreg.errors import FmregError
 from fmreg.transforms.displacement import DisplacementField, warp, warp_labels
 from fmreg.core.grid import Grid
 from fmreg.core.image import Image
-from fmreg.io.images import read_field, read_image, write_field, write_image
+from fmreg.io.fields import read_field, write_field
+from fmreg.io.images import read_image, write_image
 from fmreg.methods import available_methods
 
-HAVE_REPORT = importlib.util.find_spec("fmreg.figures.report") is not None
-needs_report = pytest.mark.skipif(not HAVE_REPORT, reason="fmreg.figures.report (overview pictures) not written yet")
+HAVE_REPORT = importlib.util.find_spec("fmreg.figures") is not None
+needs_report = pytest.mark.skipif(not HAVE_REPORT, reason="fmreg.figures (overview pictures) not written yet")
 HAVE_DEMONS = "demons" in available_methods()
 
 OUTPUTS_3D = {"warped.nii.gz", "ddf.nii.gz", "warped_labels.nii.gz", "result.json", "overview.png"}
@@ -152,8 +153,8 @@ def test_register_identity_3d_writes_every_output(data, tmp_path, capsys):
     moving = read_image(files["moving"])
     expected = warp(moving, field).data
     torch.testing.assert_close(read_image(out / "warped.nii.gz").data, expected)
-    expected_labels = warp_labels(read_image(files["moving_labels"], label=True), field).data
-    assert torch.equal(read_image(out / "warped_labels.nii.gz", label=True).data, expected_labels)
+    expected_labels = warp_labels(read_image(files["moving_labels"], is_label=True), field).data
+    assert torch.equal(read_image(out / "warped_labels.nii.gz", is_label=True).data, expected_labels)
 
 
 @needs_report
@@ -201,7 +202,7 @@ def test_register_2d_png_identity_writes_png_outputs_and_pixel_tre(data, tmp_pat
     # Identity on equal grids: warped picture and labels equal the moving ones.
     assert torch.equal(read_image(out / "warped.png").data, read_image(files["moving"]).data)
     assert torch.equal(
-        read_image(out / "warped_labels.png", label=True).data, read_image(files["moving_labels"], label=True).data
+        read_image(out / "warped_labels.png", is_label=True).data, read_image(files["moving_labels"], is_label=True).data
     )
 
 
@@ -227,7 +228,7 @@ def test_default_labels_of_a_0_255_mask_are_scored_as_fg(data, tmp_path):
     # A rendered mask (0/255 with anti-aliased edge values) is scored as one foreground label.
     d = tmp_path / "mask"
     d.mkdir()
-    lab = read_image(data["2d"]["fixed_labels"], label=True).data
+    lab = read_image(data["2d"]["fixed_labels"], is_label=True).data
     mask = ((lab == 2) * 255).to(torch.int64)
     mask[0, :3] = torch.tensor([90, 140, 200])  # anti-aliasing
     write_image(Image(mask, Grid(tuple(mask.shape))), d / "f.png")
@@ -255,7 +256,7 @@ def test_empty_label_reports_nan_with_a_warning_line(data, tmp_path, capsys):
 @needs_report
 def test_roi_pairs_and_info_of_a_method_are_written(data, tmp_path, monkeypatch):
     """A method returns ROI pairs as data; the app summarises them and draws roi_pairs.png."""
-    from fmreg.app import runner
+    from fmreg.app import common
     from fmreg.correspond.pairs import RoiPair
     from fmreg.methods.base import RegistrationResult
 
@@ -280,7 +281,7 @@ def test_roi_pairs_and_info_of_a_method_are_written(data, tmp_path, monkeypatch)
             )
 
     inst = Fancy()
-    monkeypatch.setattr(runner, "get_method", lambda name, **kw: inst)
+    monkeypatch.setattr(common, "get_method", lambda name, **kw: inst)
     out = tmp_path / "out"
     assert main(_register_args(data["3d"], out, method="fancy") + ["-q"]) == 0
     assert (out / "roi_pairs.png").read_bytes()[:4] == b"\x89PNG"
@@ -294,7 +295,7 @@ def test_roi_pairs_and_info_of_a_method_are_written(data, tmp_path, monkeypatch)
 
 
 def test_labels_reach_only_label_based_methods(data, tmp_path, monkeypatch):
-    from fmreg.app import runner
+    from fmreg.app import common
 
     seen = {}
 
@@ -306,7 +307,7 @@ def test_labels_reach_only_label_based_methods(data, tmp_path, monkeypatch):
             seen["labels"] = (fixed_labels, moving_labels)
             raise KeyboardInterrupt  # also checks Ctrl-C: exit 130, nothing written
 
-    monkeypatch.setattr(runner, "get_method", lambda name, **kw: Spy())
+    monkeypatch.setattr(common, "get_method", lambda name, **kw: Spy())
     out = tmp_path / "out"
     assert main(_register_args(data["3d"], out, method="spy") + ["-q"]) == 130
     assert seen["labels"] == (None, None)
@@ -314,7 +315,7 @@ def test_labels_reach_only_label_based_methods(data, tmp_path, monkeypatch):
 
 
 def test_unexpected_exception_keeps_its_traceback(data, tmp_path, monkeypatch):
-    from fmreg.app import runner
+    from fmreg.app import common
 
     class Buggy:
         name = "buggy"
@@ -323,7 +324,7 @@ def test_unexpected_exception_keeps_its_traceback(data, tmp_path, monkeypatch):
         def register(self, *a, **k):
             raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(runner, "get_method", lambda name, **kw: Buggy())
+    monkeypatch.setattr(common, "get_method", lambda name, **kw: Buggy())
     with pytest.raises(ZeroDivisionError):
         main(_register_args(data["3d"], tmp_path / "out", method="buggy") + ["-q"])
     assert not (tmp_path / "out").exists() and _no_staging_left(tmp_path)
@@ -331,12 +332,12 @@ def test_unexpected_exception_keeps_its_traceback(data, tmp_path, monkeypatch):
 
 @needs_report
 def test_failure_while_writing_leaves_no_partial_output(data, tmp_path, monkeypatch):
-    from fmreg.figures import report
+    from fmreg.figures import overview
 
     def broken(*a, **k):
         raise FmregError("cannot draw")
 
-    monkeypatch.setattr(report, "save_overview", broken)
+    monkeypatch.setattr(overview, "save_overview", broken)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -371,13 +372,13 @@ def test_warp_cli_reproduces_the_registered_outputs(data, tmp_path):
     torch.testing.assert_close(read_image(w).data, warp(read_image(files["moving"]), read_field(ddf)).data)
     wl = tmp_path / "wl.nii.gz"
     assert main(["warp", str(files["moving_labels"]), str(ddf), "-r", str(files["fixed"]), "-o", str(wl), "--labels", "-q"]) == 0
-    got = read_image(wl, label=True).data
+    got = read_image(wl, is_label=True).data
     assert got.dtype == torch.int64
-    assert torch.equal(got, warp_labels(read_image(files["moving_labels"], label=True), read_field(ddf)).data)
+    assert torch.equal(got, warp_labels(read_image(files["moving_labels"], is_label=True), read_field(ddf)).data)
     ws = tmp_path / "ws.nii.gz"
     assert main(["warp", str(files["moving_labels"]), str(ddf), "-r", str(files["fixed"]), "-o", str(ws), "--labels", "--smooth", "-q"]) == 0
-    smooth = warp_labels(read_image(files["moving_labels"], label=True), read_field(ddf), smooth=True).data
-    assert torch.equal(read_image(ws, label=True).data, smooth)
+    smooth = warp_labels(read_image(files["moving_labels"], is_label=True), read_field(ddf), smooth=True).data
+    assert torch.equal(read_image(ws, is_label=True).data, smooth)
     # The registration's own field reproduces warped.nii.gz.
     w2 = tmp_path / "w2.nii.gz"
     assert main(["warp", str(files["moving"]), str(out / "ddf.nii.gz"), "-r", str(files["fixed"]), "-o", str(w2), "-q"]) == 0
@@ -402,7 +403,7 @@ def test_jacobian_of_identity_field_is_one(tmp_path, ndim):
 
 def test_evaluate_identical_labels_gives_dice_one(data, tmp_path, capsys):
     lab = data["3d"]["fixed_labels"]
-    ddf = write_field(DisplacementField.identity(read_image(lab, label=True).grid), tmp_path / "ddf.nii.gz")
+    ddf = write_field(DisplacementField.identity(read_image(lab, is_label=True).grid), tmp_path / "ddf.nii.gz")
     out = tmp_path / "eval.json"
     rc = main([
         "evaluate", "--fixed-labels", str(lab), "--warped-labels", str(lab), "--ddf", str(ddf),
@@ -448,9 +449,9 @@ def test_demo_registers_both_phantoms(tmp_path, capsys):
 
 
 def test_default_method_is_samreg(capsys):
-    from fmreg.app import runner
+    from fmreg.app import common
 
-    assert runner.DEFAULT_METHOD == "samreg"
+    assert common.DEFAULT_METHOD == "samreg"
     with pytest.raises(SystemExit):
         main(["register", "--help"])
     assert "(default: samreg)" in capsys.readouterr().out
@@ -487,8 +488,8 @@ def _bad_cases(data: dict, root: Path) -> dict[str, list[str]]:
     inf[0, 0, 0] = float("inf")
     write_image(img.with_data(inf), bad / "inf.mha")
     shifted = Grid(img.grid.shape, img.grid.spacing, tuple(o + 5 for o in img.grid.origin), img.grid.direction)
-    write_image(Image(read_image(f3["fixed_labels"], label=True).data, shifted), bad / "offgrid_labels.nii.gz")
-    small = read_image(f3["fixed_labels"], label=True).data[:, :50]
+    write_image(Image(read_image(f3["fixed_labels"], is_label=True).data, shifted), bad / "offgrid_labels.nii.gz")
+    small = read_image(f3["fixed_labels"], is_label=True).data[:, :50]
     write_image(Image(small, Grid(tuple(small.shape))), bad / "small_labels.nii.gz")
     out = str(root / "out")
     reg = ["register", str(f3["fixed"]), str(f3["moving"]), "-o", out, "--method", "identity"]

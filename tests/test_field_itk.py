@@ -7,7 +7,8 @@ import torch
 from fmreg.transforms.displacement import DisplacementField, warp
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image
-from fmreg.io.images import read_field, to_sitk, write_field
+from fmreg.io.fields import read_field, write_field
+from fmreg.io.images import to_sitk
 
 
 def _rotation(angle_deg: float, ndim: int) -> tuple[float, ...]:

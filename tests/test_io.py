@@ -21,7 +21,7 @@ def test_acdc_spacing_comes_from_the_header_not_the_unit_sform():
     img = read_image(ACDC / "patient068_frame01.nii.gz")
     assert img.grid.shape == (7, 208, 256)
     torch.testing.assert_close(torch.tensor(img.grid.spacing, dtype=torch.float64), torch.tensor([1.5625, 1.5625, 10.0], dtype=torch.float64))
-    labels = read_image(ACDC / "patient068_frame01_gt.nii.gz", label=True)
+    labels = read_image(ACDC / "patient068_frame01_gt.nii.gz", is_label=True)
     assert labels.data.dtype == torch.int64
     assert set(np.unique(labels.data.numpy()).tolist()) == {0, 1, 2, 3}
     assert labels.grid.same_as(img.grid)
@@ -50,7 +50,7 @@ def test_nifti_round_trip_keeps_oblique_geometry_and_label_values(tmp_path):
     grid = Grid((2, 3, 4), spacing=(1.5, 1.5, 10.0), origin=(-5.0, 7.0, 1.0), direction=(c, -s, 0, s, c, 0, 0, 0, 1))
     labels = Image(torch.tensor([0, 3, 1000, 7] * 6).reshape(2, 3, 4), grid)
     path = write_image(labels, tmp_path / "l.nii.gz")
-    back = read_image(path, label=True)
+    back = read_image(path, is_label=True)
     assert back.grid.same_as(grid)
     assert torch.equal(back.data, labels.data)
     assert [p.name for p in tmp_path.iterdir()] == ["l.nii.gz"]  # no temporary file left
@@ -79,4 +79,4 @@ def test_unreadable_files_give_one_line_errors(tmp_path, content):
 def test_label_map_with_fractional_values_is_refused(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.full((2, 3, 4), 0.5, np.float32)), str(tmp_path / "f.nii.gz"))
     with pytest.raises(FmregError, match="non-integer"):
-        read_image(tmp_path / "f.nii.gz", label=True)
+        read_image(tmp_path / "f.nii.gz", is_label=True)

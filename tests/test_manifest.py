@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from fmreg.errors import FmregError
 from fmreg.io.manifest import (
     LabelSpec,
-    PairSpec,
+    Case,
     read_landmark_pair,
     read_landmarks,
     read_manifest,
@@ -47,17 +47,17 @@ def test_real_manifest():
     assert len({p.name for p in pairs}) == 12
     acdc = pairs[0]
     assert acdc.name == "acdc_p068_es_to_ed"
-    assert acdc.labels == LabelSpec(values=(1, 2, 3))
+    assert acdc.label_spec == LabelSpec(values=(1, 2, 3))
     assert acdc.scored_values() == (1, 2, 3)
-    assert acdc.fixed.name == "patient068_frame01.nii.gz"
-    assert acdc.moving_labels.name == "patient068_frame12_gt.nii.gz"
+    assert acdc.paths["fixed"].name == "patient068_frame01.nii.gz"
+    assert acdc.paths["moving_labels"].name == "patient068_frame12_gt.nii.gz"
     for p in pairs[1:]:
-        assert p.labels.fg and p.scored_values() == (1,)
+        assert p.label_spec.fg and p.scored_values() == (1,)
     for p in pairs:
-        assert isinstance(p, PairSpec)
+        assert isinstance(p, Case) and not p.loaded
         assert p.has_labels and not p.has_landmarks
-        assert p.fixed_landmarks is None and p.moving_landmarks is None
-        for path in (p.fixed, p.moving, p.fixed_labels, p.moving_labels):
+        assert p.paths["fixed_landmarks"] is None and p.paths["moving_landmarks"] is None
+        for path in (p.paths[r] for r in ("fixed", "moving", "fixed_labels", "moving_labels")):
             assert path.is_absolute() and path.is_file()
             assert path.is_relative_to(REAL_MANIFEST.parent)
 
@@ -72,21 +72,21 @@ def test_paths_resolve_relative_to_manifest_folder(data_dir, tmp_path_factory, m
     )
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
     a, b = read_manifest(path)
-    assert a.fixed == data_dir / "f.nii.gz"
-    assert a.fixed_landmarks == data_dir / "lm_f.csv"
-    assert a.labels.values == (0, 2, 5) and not a.labels.fg
+    assert a.paths["fixed"] == data_dir / "f.nii.gz"
+    assert a.paths["fixed_landmarks"] == data_dir / "lm_f.csv"
+    assert a.label_spec.values == (0, 2, 5) and not a.label_spec.fg
     assert a.scored_values() == (0, 2, 5)
     assert a.has_landmarks
-    assert b.fixed == data_dir / "f.png"
-    assert (b.fixed_labels, b.moving_labels, b.fixed_landmarks) == (None, None, None)
-    assert b.labels.empty and b.scored_values() == ()
+    assert b.paths["fixed"] == data_dir / "f.png"
+    assert (b.paths["fixed_labels"], b.paths["moving_labels"], b.paths["fixed_landmarks"]) == (None, None, None)
+    assert b.label_spec is None and b.scored_values() == ()
 
 
 def test_only_required_columns_and_extra_columns(data_dir):
     path = _write(data_dir, "moving,name,fixed,notes", "m.png,x,f.png,anything")
     (pair,) = read_manifest(path)
-    assert (pair.name, pair.fixed.name, pair.moving.name) == ("x", "f.png", "m.png")
-    assert pair.fixed_labels is None and pair.labels.empty
+    assert (pair.name, pair.paths["fixed"].name, pair.paths["moving"].name) == ("x", "f.png", "m.png")
+    assert pair.paths["fixed_labels"] is None and pair.label_spec is None
 
 
 def test_label_spec_parse_and_prepare():
@@ -215,3 +215,30 @@ def test_landmark_pair_mismatch(tmp_path):
         read_landmark_pair(a, c)
     with pytest.raises(FmregError, match="landmark file not found"):
         read_landmark_pair(a, tmp_path / "none.csv")
+
+
+# ------------------------------------------------------------------------------ loading a case
+def test_case_load_reads_and_checks_the_files(tmp_path):
+    from fmreg import phantoms
+    from fmreg.io.images import write_image
+
+    ph = phantoms.make_pair(2, seed=0)
+    files = {role: write_image(getattr(ph, role), tmp_path / f"{role}.nii.gz")
+             for role in ("fixed", "moving", "fixed_labels", "moving_labels")}
+    (tmp_path / "f.csv").write_text("x,y\n1,2\n")
+    (tmp_path / "m.csv").write_text("x,y\n1,3\n")
+    case = Case.from_files(**files, fixed_landmarks=tmp_path / "f.csv", moving_landmarks=tmp_path / "m.csv")
+    assert not case.loaded and case.has_labels and case.has_landmarks and not case.raster
+    loaded = case.load()
+    assert loaded.loaded and not case.loaded  # load returns a copy
+    assert loaded.fixed.grid.same_as(ph.fixed.grid) and loaded.fixed_labels.is_label
+    assert torch.equal(loaded.moving_labels.data, ph.moving_labels.data)
+    assert loaded.moving_landmarks.tolist() == [[1.0, 3.0]]
+    assert list(loaded.paths) == ["fixed", "moving", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks"]
+    with pytest.raises(FmregError, match="give both"):
+        Case.from_files(files["fixed"], files["moving"], fixed_landmarks=tmp_path / "f.csv")
+    with pytest.raises(FmregError, match="3D but the images are 2D|landmarks are"):
+        (tmp_path / "f3.csv").write_text("x,y,z\n1,2,3\n")
+        (tmp_path / "m3.csv").write_text("x,y,z\n1,2,3\n")
+        Case.from_files(files["fixed"], files["moving"], fixed_landmarks=tmp_path / "f3.csv",
+                        moving_landmarks=tmp_path / "m3.csv").load()

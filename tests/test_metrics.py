@@ -13,12 +13,10 @@ from torch.testing import assert_close
 from fmreg.errors import FmregError
 from fmreg.core.grid import Frame, Grid
 from fmreg.evaluate.metrics import (
-    LabelScores,
     average_surface_distance,
     binarize_fg,
     centroid_tre,
     dice,
-    evaluate_labels,
     folding_percent,
     hausdorff_distance,
     hd95,
@@ -255,54 +253,6 @@ def test_std_log_jacobian():
     _close(std_log_jacobian(torch.tensor([1.0, 0.0])), -math.log(1e-9) / 2)
     _close(std_log_jacobian(torch.tensor([1.0, -5.0])), -math.log(1e-9) / 2)
     _close(std_log_jacobian(torch.tensor([1.0, 0.0]), eps=1e-3), -math.log(1e-3) / 2)
-
-
-# ------------------------------------------------------------------------------ all at once
-def test_evaluate_labels_matches_individual_metrics():
-    grid = Grid((8, 8), spacing=(0.5, 2.0))
-    pred, target = _two_squares()
-    with pytest.warns(RuntimeWarning) as record:
-        scores = evaluate_labels(pred, target, grid, [1, 2, 3])
-    messages = [str(w.message) for w in record]
-    assert any("label 2 is absent from the warped moving and fixed labels" in m
-               for m in messages)
-    assert any("label 3 is absent from the fixed labels" in m for m in messages)
-    assert isinstance(scores, LabelScores)
-    assert scores.labels == (1, 2, 3)
-    _close(scores.dice[1], 0.5)
-    _close(scores.hd95[1], hd95(pred == 1, target == 1, grid))
-    _close(scores.asd[1], average_surface_distance(pred == 1, target == 1, grid))
-    # The squares' centroids are 2 columns apart at x spacing 0.5.
-    _close(scores.centroid_tre[1], 1.0)
-    _close([scores.dice[2], scores.hd95[2], scores.asd[2], scores.centroid_tre[2]], [NAN] * 4)
-    _close([scores.dice[3], scores.hd95[3]], [0.0, NAN])
-    # Means skip NaN.
-    _close(scores.mean_dice, 0.25)
-    _close(scores.mean_hd95, scores.hd95[1])
-    _close(scores.mean_centroid_tre, 1.0)
-    d = scores.to_dict()
-    assert d["dice"]["1"] == 0.5 and d["mean_dice"] == 0.25
-
-
-def test_label_scores_mean_all_nan_is_nan():
-    scores = LabelScores(dice={1: NAN}, hd95={1: NAN}, asd={}, centroid_tre={1: NAN})
-    assert math.isnan(scores.mean_dice)
-    assert math.isnan(scores.mean_asd)
-
-
-def test_evaluate_labels_fg_workflow_and_3d():
-    raw_fixed = torch.zeros(ANISO.shape, dtype=torch.uint8)
-    raw_fixed[2:6, 2:6, 2:6] = 200
-    raw_moving = torch.zeros_like(raw_fixed)
-    raw_moving[4:8, 2:6, 2:6] = 255
-    raw_moving[0, 0, 0] = 100  # anti-aliasing fringe below the threshold
-    scores = evaluate_labels(binarize_fg(raw_moving), binarize_fg(raw_fixed), ANISO, [1])
-    _close(scores.dice[1], 0.5)
-    _close(scores.hd95[1], 20.0)
-    _close(scores.asd[1], 444 / 56)
-    _close(scores.centroid_tre[1], 20.0)
-    with pytest.raises(FmregError, match="binarize"):
-        evaluate_labels(raw_moving, raw_fixed, ANISO, "fg")
 
 
 def _brute_force_directed(a: np.ndarray, b: np.ndarray, spacing_array) -> np.ndarray:

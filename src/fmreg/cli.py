@@ -1,8 +1,8 @@
 """The ``fmreg`` command line: one dataclass per subcommand, parsed with argparse.
 
 Each subcommand is a dataclass whose fields are its arguments (declared with :func:`arg`) and
-whose :meth:`Command.run` calls the functional core in :mod:`fmreg.app.runner` /
-:mod:`fmreg.app.bench`. Nothing here computes anything.
+whose :meth:`Command.run` calls one function of :mod:`fmreg.app` (``register``, ``warp``,
+``jacobian``, ``evaluate``, ``bench``, ``demo``). Nothing here computes anything.
 
 Errors the user can cause are :class:`~fmreg.errors.FmregError`: :func:`main` prints them as
 one ``fmreg: error: ...`` line and returns 1; Ctrl-C returns 130. Any other exception is a bug
@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Sequence
 
 from fmreg import __version__
 from fmreg.errors import FmregError
-from fmreg.app.runner import DEFAULT_METHOD
+from fmreg.app.common import DEFAULT_METHOD
 
 PROG = "fmreg"
 
@@ -67,7 +67,7 @@ class Command:
 
     @property
     def log(self):
-        from fmreg.app.runner import quiet_log, stderr_log
+        from fmreg.app.common import quiet_log, stderr_log
 
         return quiet_log if self.quiet else stderr_log
 
@@ -102,14 +102,15 @@ reported as label 1); any other label map scores every non-zero value in the fix
     method: str | None = arg("-m", "--method", help="registration method (default: " + DEFAULT_METHOD + ")", metavar="M")
     fixed_labels: Path | None = arg("--fixed-labels", help="label map on the fixed grid", type=Path, metavar="F")
     moving_labels: Path | None = arg("--moving-labels", help="label map on the moving grid", type=Path, metavar="M")
-    labels: str | None = arg("--labels", help="label values to score, e.g. \"1 2 3\", or fg (value > 127)", metavar="VALUES")
+    label_values: str | None = arg("--labels", help="label values to score, e.g. \"1 2 3\", or fg (value > 127)", metavar="VALUES")
     fixed_landmarks: Path | None = arg("--fixed-landmarks", help="landmark CSV (x,y pixels or x,y,z mm)", type=Path, metavar="CSV")
     moving_landmarks: Path | None = arg("--moving-landmarks", help="matching moving landmark CSV", type=Path, metavar="CSV")
     overwrite: bool = arg("--overwrite", help="replace existing files even in an input's folder", default=False, action="store_true")
     param: list[str] | None = arg("--param", help="method parameter key=value (repeat the option for several)", action="append", metavar="KEY=VALUE")
 
     def run(self) -> int:
-        from fmreg.app.runner import parse_params, register
+        from fmreg.app.common import parse_params
+        from fmreg.app.register import register
 
         outcome = register(
             self.fixed,
@@ -119,7 +120,7 @@ reported as label 1); any other label map scores every non-zero value in the fix
             params=parse_params(self.param),
             fixed_labels=self.fixed_labels,
             moving_labels=self.moving_labels,
-            labels=self.labels,
+            label_values=self.label_values,
             fixed_landmarks=self.fixed_landmarks,
             moving_landmarks=self.moving_landmarks,
             overwrite=self.overwrite,
@@ -148,14 +149,14 @@ class Warp(Command):
     ddf: Path = arg(help="displacement field (ddf.nii.gz)", type=Path)
     reference: Path = arg("-r", "--reference", help="the fixed image (grid of the field)", type=Path, required=True)
     output: Path = arg("-o", "--output", help="output file (.nii.gz, or .png for 2D)", type=Path, required=True)
-    labels: bool = arg("--labels", help="MOVING is a label map: nearest neighbour, values kept", default=False, action="store_true")
+    is_label: bool = arg("--labels", help="MOVING is a label map: nearest neighbour, values kept", default=False, action="store_true")
     smooth: bool = arg("--smooth", help="with --labels: per-label linear interpolation, each voxel takes the label of largest weight (smoother boundaries)", default=False, action="store_true")
     overwrite: bool = arg("--overwrite", help="replace an existing file in an input's folder", default=False, action="store_true")
 
     def run(self) -> int:
-        from fmreg.app.runner import warp_file
+        from fmreg.app.warp import warp_file
 
-        out = warp_file(self.moving, self.ddf, self.reference, self.output, labels=self.labels, smooth=self.smooth, overwrite=self.overwrite, log=self.log)
+        out = warp_file(self.moving, self.ddf, self.reference, self.output, is_label=self.is_label, smooth=self.smooth, overwrite=self.overwrite, log=self.log)
         print(out)
         return 0
 
@@ -175,7 +176,7 @@ Values <= 0 are folds."""
     overwrite: bool = arg("--overwrite", help="replace an existing file in an input's folder", default=False, action="store_true")
 
     def run(self) -> int:
-        from fmreg.app.runner import jacobian_file
+        from fmreg.app.jacobian import jacobian_file
 
         s = jacobian_file(self.ddf, self.output, overwrite=self.overwrite, log=self.log)
         print(f"det J in [{s['min']:.3f}, {s['max']:.3f}], folding {s['folding_pct']:.3f} %, std log|J| {s['std_log_jacobian']:.4f}")
@@ -194,7 +195,7 @@ with --ddf also folding % and std log|J|, and landmark TRE given landmarks."""
     help: ClassVar[str] = "metrics of warped labels against fixed labels and landmarks"
     fixed_labels: Path = arg("--fixed-labels", help="fixed label map", type=Path, required=True, metavar="F")
     warped_labels: Path = arg("--warped-labels", help="moving labels warped onto the fixed grid", type=Path, required=True, metavar="W")
-    labels: str | None = arg("--labels", help="label values to score, e.g. \"1 2 3\", or fg", metavar="VALUES")
+    label_values: str | None = arg("--labels", help="label values to score, e.g. \"1 2 3\", or fg", metavar="VALUES")
     ddf: Path | None = arg("--ddf", help="the registration's displacement field", type=Path)
     fixed_landmarks: Path | None = arg("--fixed-landmarks", help="landmark CSV of the fixed image", type=Path, metavar="CSV")
     moving_landmarks: Path | None = arg("--moving-landmarks", help="landmark CSV of the moving image", type=Path, metavar="CSV")
@@ -203,12 +204,12 @@ with --ddf also folding % and std log|J|, and landmark TRE given landmarks."""
     overwrite: bool = arg("--overwrite", help="replace an existing file in an input's folder", default=False, action="store_true")
 
     def run(self) -> int:
-        from fmreg.app.runner import evaluate_files
+        from fmreg.app.evaluate import evaluate_files
 
         doc = evaluate_files(
             self.fixed_labels,
             self.warped_labels,
-            labels=self.labels,
+            label_values=self.label_values,
             ddf=self.ddf,
             fixed_landmarks=self.fixed_landmarks,
             moving_landmarks=self.moving_landmarks,
@@ -283,7 +284,8 @@ register them and print where the pictures are, with the Dice before and after."
     param: list[str] | None = arg("--param", help="method parameter key=value (repeat the option for several)", action="append", metavar="KEY=VALUE")
 
     def run(self) -> int:
-        from fmreg.app.runner import demo, parse_params
+        from fmreg.app.common import parse_params
+        from fmreg.app.demo import demo
 
         for s in demo(self.outdir, method=self.method or DEFAULT_METHOD, params=parse_params(self.param), log=self.log):
             print(

@@ -1,6 +1,6 @@
 """``fmreg bench``: register every pair of a manifest with each method and tabulate the scores.
 
-Outputs (all written atomically, see :class:`fmreg.app.runner.Staging`):
+Outputs (all written atomically, see :class:`fmreg.io.outputs.Staging`):
 
 * ``OUTDIR/results.csv`` with the columns ``name, method, dice_mean, dice_<value>...,
   hd95_mean, tre_mean, tre_median, folding_pct, seconds, peak_mem_mb`` (one ``dice_<value>``
@@ -13,7 +13,7 @@ Outputs (all written atomically, see :class:`fmreg.app.runner.Staging`):
 TRE: the landmark TRE (mean/median over points) when the pair has landmarks, otherwise the
 centroid TRE of its labels (distance between label centroids, SAMReg's measure; mean/median
 over labels). Units are mm, or pixels for PNG pairs. ``seconds`` and ``peak_mem_mb`` cover
-``method.register`` only (see :mod:`fmreg.app.runner`).
+``method.register`` only (see :mod:`fmreg.app.register`).
 
 Every pair is read and validated before the first registration starts, so a bad file is
 reported at once rather than after an hour of work.
@@ -32,28 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from fmreg.app.common import DEFAULT_METHOD, Log, make_method, quiet_log, stderr_log
+from fmreg.app.register import Outcome, register_into
 from fmreg.errors import FmregError
-from fmreg.io.manifest import PairSpec, read_manifest
-from fmreg.app.runner import (
-    DEFAULT_METHOD,
-    Log,
-    Staging,
-    absolute,
-    check_outputs,
-    load_pair,
-    make_method,
-    quiet_log,
-    register_into,
-    stderr_log,
-)
+from fmreg.io.manifest import Case, read_manifest
+from fmreg.io.outputs import Staging, check_outputs
+from fmreg.io.paths import absolute
+from fmreg.methods.base import Method
 
 FIXED_COLUMNS_HEAD = ("name", "method", "dice_mean")
 FIXED_COLUMNS_TAIL = ("hd95_mean", "tre_mean", "tre_median", "folding_pct", "seconds", "peak_mem_mb")
 
 
-def columns_for(pairs: Sequence[PairSpec]) -> list[str]:
-    """The results.csv header for ``pairs``: one ``dice_<value>`` per scored value, ascending."""
-    values = sorted({v for p in pairs for v in p.scored_values()})
+def columns_for(cases: Sequence[Case]) -> list[str]:
+    """The results.csv header for ``cases``: one ``dice_<value>`` per scored value, ascending."""
+    values = sorted({v for c in cases for v in c.scored_values()})
     return [*FIXED_COLUMNS_HEAD, *(f"dice_{v}" for v in values), *FIXED_COLUMNS_TAIL]
 
 
@@ -80,10 +73,10 @@ def _finite(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _row(pair: PairSpec, method: str, doc: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+def _row(case: Case, method: str, doc: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
     mets = doc.get("metrics", {})
     row: dict[str, Any] = {c: None for c in columns}
-    row.update(name=pair.name, method=method, seconds=_finite(doc.get("seconds")), peak_mem_mb=_finite(doc.get("peak_mem_mb")))
+    row.update(name=case.name, method=method, seconds=_finite(doc.get("seconds")), peak_mem_mb=_finite(doc.get("peak_mem_mb")))
     row["folding_pct"] = _finite(mets.get("folding_pct"))
     row["tre_kind"] = None
     if "dice" in mets:
@@ -222,33 +215,19 @@ def run_bench(
     t_start = time.perf_counter()
     manifest = absolute(manifest)
     outdir = absolute(outdir)
-    specs = read_manifest(manifest)
-    if pairs:
-        known = {p.name for p in specs}
-        unknown = [n for n in pairs if n not in known]
-        if unknown:
-            raise FmregError(f"pair {unknown[0]!r} is not in {manifest}; it lists {', '.join(sorted(known))}")
-        wanted = set(pairs)
-        specs = [p for p in specs if p.name in wanted]
+    cases = _select(read_manifest(manifest), pairs, manifest)
     names = list(dict.fromkeys(methods or [DEFAULT_METHOD]))
     insts = {m: make_method(m) for m in names}  # unknown methods fail before any work
 
     inputs: list[Path | None] = [manifest]
-    for p in specs:
-        inputs += [p.fixed, p.moving, p.fixed_labels, p.moving_labels, p.fixed_landmarks, p.moving_landmarks]
+    for case in cases:
+        inputs += list(case.paths.values())
     check_outputs([outdir / "results.csv", outdir / "results.md"], inputs, overwrite)
-    log(f"checking {len(specs)} pairs of {manifest.name} …")
-    for p in specs:
-        try:
-            load_pair(p.fixed, p.moving, p.fixed_labels, p.moving_labels, p.fixed_landmarks, p.moving_landmarks, log=quiet_log)
-        except FmregError as exc:
-            raise FmregError(f"pair {p.name!r}: {exc}") from None
-        for m, inst in insts.items():
-            if getattr(inst, "uses_labels", False) and not p.has_labels:
-                raise FmregError(f"method '{m}' needs label maps but pair {p.name!r} has none")
+    log(f"checking {len(cases)} pairs of {manifest.name} …")
+    _check_cases(cases, insts)
 
-    result = BenchResult(columns_for(specs), outdir=outdir)
-    bar = tqdm(total=len(specs) * len(names), desc="fmreg bench", unit="reg", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    result = BenchResult(columns_for(cases), outdir=outdir)
+    bar = tqdm(total=len(cases) * len(names), desc="fmreg bench", unit="reg", file=sys.stderr, disable=not progress, dynamic_ncols=True)
 
     def blog(msg: str) -> None:
         if log is quiet_log:
@@ -260,21 +239,15 @@ def run_bench(
 
     try:
         with Staging(outdir) as staging:
-            for p in specs:
-                pair = load_pair(p.fixed, p.moving, p.fixed_labels, p.moving_labels, p.fixed_landmarks, p.moving_landmarks, log=quiet_log)
-                spec = p.labels if p.has_labels else None
+            for case in cases:
+                # Loaded one at a time: the check above let every image go again.
+                loaded = case.load(quiet_log)
                 for m in names:
-                    bar.set_postfix_str(f"{p.name} / {m}")
-                    blog(f"{p.name}: {m}")
-                    stage_dir = staging.root / m / p.name
-                    stage_dir.mkdir(parents=True, exist_ok=True)
-                    try:
-                        outcome = register_into(insts[m], pair, stage_dir, spec, None, log=blog)
-                    except FmregError as exc:
-                        raise FmregError(f"pair {p.name!r}, method {m}: {exc}") from None
+                    bar.set_postfix_str(f"{case.name} / {m}")
+                    blog(f"{case.name}: {m}")
+                    outcome = _register_one(insts[m], m, loaded, staging.root / m / case.name, blog)
                     # A method's own name for its result (e.g. samreg-labels) labels the row.
-                    row = _row(p, outcome.doc.get("method") or m, outcome.doc, result.columns)
-                    result.rows.append(row)
+                    result.rows.append(_row(case, outcome.doc.get("method") or m, outcome.doc, result.columns))
                     bar.update(1)
             staging.path("results.csv").write_text(to_csv(result))
             staging.path("results.md").write_text(to_markdown(result, manifest))
@@ -283,3 +256,36 @@ def run_bench(
         bar.close()
     log(f"wrote {outdir / 'results.csv'} and results.md ({len(result.rows)} rows) in {time.perf_counter() - t_start:.1f} s")
     return result
+
+
+def _select(cases: list[Case], names: Sequence[str] | None, manifest: Path) -> list[Case]:
+    """The cases named in ``names`` (all when empty), in manifest order."""
+    if not names:
+        return cases
+    known = {c.name for c in cases}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise FmregError(f"pair {unknown[0]!r} is not in {manifest}; it lists {', '.join(sorted(known))}")
+    wanted = set(names)
+    return [c for c in cases if c.name in wanted]
+
+
+def _check_cases(cases: Sequence[Case], insts: dict[str, Method]) -> None:
+    """Read and validate every case before the first registration starts."""
+    for case in cases:
+        try:
+            case.load(quiet_log)
+        except FmregError as exc:
+            raise FmregError(f"pair {case.name!r}: {exc}") from None
+        for m, inst in insts.items():
+            if getattr(inst, "uses_labels", False) and not case.has_labels:
+                raise FmregError(f"method '{m}' needs label maps but pair {case.name!r} has none")
+
+
+def _register_one(method: Method, method_name: str, case: Case, stage_dir: Path, log: Log) -> Outcome:
+    """``register_into`` one staged folder, naming the pair and method in a user error."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return register_into(method, case, stage_dir, case.label_spec, None, log=log)
+    except FmregError as exc:
+        raise FmregError(f"pair {case.name!r}, method {method_name}: {exc}") from None

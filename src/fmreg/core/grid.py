@@ -192,6 +192,40 @@ class Grid:
         }
 
 
+def check_same_grid(grid: Grid, reference: Grid, what: str, where: str) -> None:
+    """The one "not on the same grid" check: raise :class:`FmregError` naming both grids.
+
+    Args:
+        grid: The grid being checked.
+        reference: The grid it must equal (:meth:`Grid.same_as`).
+        what: What lies on ``grid`` (e.g. ``"the displacement field"``).
+        where: What ``reference`` is, as in ``"{what} is not on {where}"`` (e.g. ``"the fixed grid"``).
+    """
+    if not grid.same_as(reference):
+        raise FmregError(f"{what} ({grid.describe()}) is not on {where} ({reference.describe()})")
+
+
+def mask_centroids(masks: Tensor, grid: Grid, frame: Frame | str = Frame.PHYSICAL) -> Tensor:
+    """The one centroid routine: weighted centres of masks on ``grid``.
+
+    Args:
+        masks: ``(K, *grid.shape)`` bool or soft (non-negative) masks, array order.
+        grid: Their grid.
+        frame: Frame of the result (``PHYSICAL`` = world mm).
+
+    Returns:
+        ``(K, ndim)`` float64 centroids, components ``x, y[, z]``; NaN rows for empty masks.
+        The index → world map is affine, so the world centroid is the image of the index
+        centroid (also for non-orthonormal directions).
+    """
+    w = masks.reshape(masks.shape[0], -1).to(torch.float64)
+    axes = [torch.arange(n, dtype=torch.float64) for n in grid.shape]
+    index = torch.stack(list(reversed(torch.meshgrid(*axes, indexing="ij"))), dim=-1).reshape(-1, grid.ndim)
+    total = w.sum(dim=1, keepdim=True)
+    centre = (w @ index) / torch.where(total > 0, total, torch.full_like(total, float("nan")))
+    return grid.convert_points(centre, Frame.VOXEL, frame)
+
+
 def through_plane_axis(grid: Grid) -> int:
     """Array axis with the coarsest spacing (the slice axis of a stack), e.g. 0 for ACDC."""
     if grid.ndim != 3:

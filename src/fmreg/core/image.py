@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fmreg.errors import FmregError
-from fmreg.core.grid import Grid
+from fmreg.core.grid import Grid, check_same_grid
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Image:
 
     @property
     def is_label(self) -> bool:
+        """True for integer data (a label map), False for intensities."""
         return not torch.is_floating_point(self.data)
 
     def label(self) -> str:
@@ -52,7 +53,18 @@ class Image:
         return self
 
     def with_data(self, data: Tensor, name: str | None = None) -> "Image":
-        return Image(data, self.grid, self.name if name is None else name)
+        """The same kind of image on the same grid with other data."""
+        return type(self)(data, self.grid, self.name if name is None else name)
+
+
+class LabelMap(Image):
+    """An integer label map (TorchIO's ``LabelMap``): warped by nearest neighbour or label by
+    label (:func:`fmreg.transforms.warp.warp_labels`), never interpolated into new values."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if torch.is_floating_point(self.data):
+            raise FmregError(f"{self.label()}: a label map needs integer data, got {self.data.dtype}")
 
 
 def check_pair(fixed: Image, moving: Image) -> None:
@@ -68,8 +80,4 @@ def check_pair(fixed: Image, moving: Image) -> None:
 
 def check_label_grid(labels: Image, image: Image) -> None:
     """A label map must lie on the grid of the image it annotates."""
-    if not labels.grid.same_as(image.grid):
-        raise FmregError(
-            f"label map {labels.label()} ({labels.grid.describe()}) is not on the grid of "
-            f"{image.label()} ({image.grid.describe()})"
-        )
+    check_same_grid(labels.grid, image.grid, f"label map {labels.label()}", f"the grid of {image.label()}")

@@ -81,3 +81,10 @@ def resize(data: Tensor, shape: Sequence[int], mode: str = "linear") -> Tensor:
         return F.interpolate(data[None], size=shape, mode="area")[0]
     torch_mode = "trilinear" if len(shape) == 3 else "bilinear"
     return F.interpolate(data[None], size=shape, mode=torch_mode, align_corners=True)[0]
+
+
+def match_histogram(moving: Tensor, fixed: Tensor) -> Tensor:
+    """``moving``'s intensities remapped so that their quantiles equal ``fixed``'s (ranks kept)."""
+    from skimage.exposure import match_histograms
+
+    return torch.from_numpy(match_histograms(moving.numpy(), fixed.numpy()).astype("float32"))

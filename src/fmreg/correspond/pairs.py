@@ -1,12 +1,12 @@
-"""SAMReg end to end: segment everything, embed, match, fit (paper 002, Sec. 3.2, Alg. 1).
+"""ROI pairs of two images: segment everything, pool prototypes, match (paper 002, Alg. 1).
 
 2D images are one slice. 3D images are cut into slices along the through-plane axis (the
 array axis with the coarsest spacing); the ROIs of fixed slice ``s`` are matched against
 the ROIs of moving slices ``s-δs … s+δs`` (Alg. 1, Table 5) and each matched pair is lifted
 back into 3D as two single-slice masks, so the dense fit can move tissue between slices.
 
-The ``labels`` backend (the paper's Case 1) takes the pairs straight from label maps; it is
-an upper bound and the method that uses it carries its own name.
+:func:`label_roi_pairs` (the paper's Case 1) takes the pairs straight from label maps
+instead; it is an upper bound.
 """
 
 from __future__ import annotations
@@ -15,28 +15,32 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fmreg.errors import FmregError
-from fmreg.transforms.displacement import DisplacementField
 from fmreg.core.grid import Grid, through_plane_axis
 from fmreg.core.image import Image
-from fmreg.evaluate.metrics import physical_centroid
-from fmreg.segment.filtering import filter_proposals
-from fmreg.optimize.fit import FitOptions, fit_field
-from fmreg.correspond.matching import match_rois, similarity_matrix
-from fmreg.segment.base import Encoder, RoiProposals, Segmenter
+from fmreg.correspond.matching import SIMILARITY_THRESHOLD, match_rois, similarity_matrix
 from fmreg.correspond.prototypes import roi_prototypes
+from fmreg.errors import FmregError
+from fmreg.evaluate.metrics import physical_centroid
+from fmreg.segment.base import Encoder, RoiProposals, Segmenter
+from fmreg.segment.filtering import (
+    MAX_AREA_FRAC,
+    MAX_OVERLAP,
+    MIN_AREA_FRAC,
+    MIN_SCORE,
+    MIN_STABILITY,
+    filter_proposals,
+)
+
+__all__ = ["RoiPair", "SamRegOptions", "find_roi_pairs", "label_roi_pairs"]
 
 log = logging.getLogger("fmreg")
-
-#: Paper 002, Sec. 4.2: SAM's pred-iou-thresh and stability-score-thresh set to 0.90.
-PAPER_SCORE_THRESHOLD = 0.90
 
 
 @dataclass
@@ -60,28 +64,30 @@ class RoiPair:
 
     def summary(self, fixed_grid: Grid, moving_grid: Grid) -> dict:
         """JSON-ready: similarity, areas (voxels and mm²/mm³), physical centroids (mm)."""
+        fixed_voxel = float(np.prod(fixed_grid.spacing))
+        moving_voxel = float(np.prod(moving_grid.spacing))
         return {
             "similarity": round(float(self.similarity), 4),
             "fixed_area_voxels": int(self.fixed_mask.sum()),
             "moving_area_voxels": int(self.moving_mask.sum()),
             # mm² in 2D, mm³ in 3D (a slice ROI is a one-voxel-thick slab).
-            "fixed_area_mm": round(float(self.fixed_mask.sum()) * float(np.prod(fixed_grid.spacing)), 3),
-            "moving_area_mm": round(float(self.moving_mask.sum()) * float(np.prod(moving_grid.spacing)), 3),
-            "fixed_centroid_mm": _centroid_mm(self.fixed_mask, fixed_grid),
-            "moving_centroid_mm": _centroid_mm(self.moving_mask, moving_grid),
+            "fixed_area_mm": round(float(self.fixed_mask.sum()) * fixed_voxel, 3),
+            "moving_area_mm": round(float(self.moving_mask.sum()) * moving_voxel, 3),
+            "fixed_centroid_mm": _rounded(physical_centroid(self.fixed_mask, fixed_grid)),
+            "moving_centroid_mm": _rounded(physical_centroid(self.moving_mask, moving_grid)),
             "fixed_slice": self.fixed_slice,
             "moving_slice": self.moving_slice,
             "source": self.source,
         }
 
 
-def _centroid_mm(mask: Tensor, grid: Grid) -> list[float]:
-    return [round(float(v), 3) for v in physical_centroid(mask, grid)]
+def _rounded(point: np.ndarray) -> list[float]:
+    return [round(float(v), 3) for v in point]
 
 
 @dataclass
 class SamRegOptions:
-    """Settings of the ROI stage (the fit has its own :class:`FitOptions`).
+    """Settings of the ROI stage (the fit has its own ``FitOptions``).
 
     Attributes:
         min_area_frac, max_area_frac: ROI area bounds as fractions of the slice (paper: 200
@@ -102,12 +108,12 @@ class SamRegOptions:
             (a cardiac ventricle changes its area up to about 2× between ED and ES).
     """
 
-    min_area_frac: float = 200 / 40000
-    max_area_frac: float = 7000 / 40000
-    max_overlap: float = 0.8
+    min_area_frac: float = MIN_AREA_FRAC
+    max_area_frac: float = MAX_AREA_FRAC
+    max_overlap: float = MAX_OVERLAP
     min_score: float | None = None
     min_stability: float | None = None
-    threshold: float = 0.8
+    threshold: float = SIMILARITY_THRESHOLD
     matching: str = "greedy"
     top_k: int | None = 5
     slice_range: int = 1
@@ -115,21 +121,18 @@ class SamRegOptions:
     max_area_ratio: float = 2.5
 
 
-@dataclass
-class SamRegResult:
-    field: DisplacementField
-    pairs: list[RoiPair]
-    timings: dict[str, float] = field(default_factory=dict)
-    fit_report: dict = field(default_factory=dict)
+# ---------------------------------------------------------------------------- slices
 
 
 def _slices(image: Image, axis: int | None) -> list[Tensor]:
+    """The image as ``(H, W)`` float slices along ``axis``; a 2D image (axis None) is one."""
     if axis is None:
         return [image.data.float()]
     return [image.data.float().select(axis, i) for i in range(image.data.shape[axis])]
 
 
 def _lift(mask2d: Tensor, shape: Sequence[int], axis: int | None, index: int | None) -> Tensor:
+    """A slice mask as a mask of the whole image: zero outside slice ``index`` of ``axis``."""
     if axis is None:
         return mask2d
     out = torch.zeros(tuple(shape), dtype=torch.bool)
@@ -137,15 +140,28 @@ def _lift(mask2d: Tensor, shape: Sequence[int], axis: int | None, index: int | N
     return out
 
 
-def _analyse(slices: list[Tensor], segmenter: Segmenter, encoder: Encoder, opt: SamRegOptions):
-    """Filtered proposals and prototypes of every slice."""
-    own = getattr(segmenter, "filter_thresholds", {}) or {}
-    min_score = opt.min_score if opt.min_score is not None else own.get("min_score", PAPER_SCORE_THRESHOLD)
-    min_stability = (
-        opt.min_stability if opt.min_stability is not None else own.get("min_stability", PAPER_SCORE_THRESHOLD)
-    )
+def _score_thresholds(segmenter: Segmenter, opt: SamRegOptions) -> tuple[float, float]:
+    """``(min_score, min_stability)``: the options', else the segmenter's own, else the paper's.
 
-    def one(img: Tensor):
+    Backends whose scores are not calibrated like SAM's say so with ``filter_thresholds``.
+    """
+    own = getattr(segmenter, "filter_thresholds", {}) or {}
+    min_score = opt.min_score if opt.min_score is not None else own.get("min_score", MIN_SCORE)
+    min_stability = (
+        opt.min_stability
+        if opt.min_stability is not None
+        else own.get("min_stability", MIN_STABILITY)
+    )
+    return min_score, min_stability
+
+
+def _analyse(
+    slices: list[Tensor], segmenter: Segmenter, encoder: Encoder, opt: SamRegOptions
+) -> list[tuple[RoiProposals, Tensor]]:
+    """Filtered proposals and their ``(K, C)`` prototypes, for every ``(H, W)`` slice."""
+    min_score, min_stability = _score_thresholds(segmenter, opt)
+
+    def one(img: Tensor) -> tuple[RoiProposals, Tensor]:
         props = filter_proposals(
             segmenter.segment(img),
             min_area_frac=opt.min_area_frac,
@@ -154,8 +170,9 @@ def _analyse(slices: list[Tensor], segmenter: Segmenter, encoder: Encoder, opt: 
             min_score=min_score,
             min_stability=min_stability,
         )
-        protos = roi_prototypes(encoder.features(img), props.masks) if len(props) else torch.zeros(0, 1)
-        return props, protos
+        if not len(props):
+            return props, torch.zeros(0, 1)
+        return props, roi_prototypes(encoder.features(img), props.masks)
 
     classical = segmenter.name == "classical" and encoder.name == "classical"
     if not classical or len(slices) < 2:
@@ -171,8 +188,16 @@ def _analyse(slices: list[Tensor], segmenter: Segmenter, encoder: Encoder, opt: 
         torch.set_num_threads(n_threads)
 
 
-def _centroids_mm_2d(masks: Tensor, spacing_rc: Sequence[float]) -> Tensor:
-    """``(K, 2)`` in-slice centroids (row, col) in mm."""
+# ---------------------------------------------------------------------------- matching
+
+
+def _slice_centroids_mm(masks: Tensor, spacing_rc: Sequence[float]) -> Tensor:
+    """In-slice centroids of ``(K, H, W)`` masks: ``(K, 2)`` float32 (row, column) in mm.
+
+    Measured from each slice's first pixel rather than placed in the world as
+    :func:`~fmreg.evaluate.metrics.physical_centroid` does: the plausibility gate compares
+    positions within the two fields of view, whatever the images' origins and directions.
+    """
     if masks.shape[0] == 0:
         return torch.zeros(0, 2)
     k, h, w = masks.shape
@@ -183,6 +208,65 @@ def _centroids_mm_2d(masks: Tensor, spacing_rc: Sequence[float]) -> Tensor:
     r = (m * rows).sum(dim=(1, 2)) / area
     c = (m * cols).sum(dim=(1, 2)) / area
     return torch.stack([r * spacing_rc[0], c * spacing_rc[1]], dim=1)
+
+
+@dataclass(frozen=True)
+class _SliceGeometry:
+    """In-plane spacings (mm, array order) of both images and the fixed field of view (mm)."""
+
+    spacing_fixed: list[float]
+    spacing_moving: list[float]
+    fov: float
+
+
+def _slice_geometry(fixed: Image, moving: Image, axis: int | None) -> _SliceGeometry:
+    in_plane = [i for i in range(fixed.ndim) if i != axis] if axis is not None else [0, 1]
+    sp_f = [fixed.grid.spacing_array[i] for i in in_plane]
+    sp_m = [moving.grid.spacing_array[i] for i in in_plane]
+    fov = max(n * s for n, s in zip([fixed.grid.shape[i] for i in in_plane], sp_f))
+    return _SliceGeometry(sp_f, sp_m, fov)
+
+
+def _plausible(
+    moving_masks: Tensor, fixed_masks: Tensor, geo: _SliceGeometry, opt: SamRegOptions
+) -> Tensor:
+    """``(K_moving, K_fixed)`` bool: centroids close enough and areas alike enough to pair.
+
+    The gates on position and size of :class:`SamRegOptions` (``max_shift_frac``,
+    ``max_area_ratio``); masks are ``(K, H, W)`` slices of the moving / fixed image.
+    """
+    shift = torch.cdist(
+        _slice_centroids_mm(moving_masks, geo.spacing_moving),
+        _slice_centroids_mm(fixed_masks, geo.spacing_fixed),
+    )
+    area_m = moving_masks.flatten(1).sum(1).float() * float(np.prod(geo.spacing_moving))
+    area_f = fixed_masks.flatten(1).sum(1).float() * float(np.prod(geo.spacing_fixed))
+    ratio = torch.maximum(area_m[:, None] / area_f[None], area_f[None] / area_m[:, None])
+    return (shift <= opt.max_shift_frac * geo.fov) & (ratio <= opt.max_area_ratio)
+
+
+def _match_slice(
+    fixed_an: tuple[RoiProposals, Tensor],
+    moving_an: list[tuple[RoiProposals, Tensor]],
+    moving_slices: range,
+    geo: _SliceGeometry,
+    opt: SamRegOptions,
+) -> list[tuple[int, int, int, float]]:
+    """Match the ROIs of one fixed slice against those of the moving slices searched.
+
+    Returns:
+        ``(fixed ROI index, moving slice, moving ROI index, similarity)`` per match.
+    """
+    fp, fproto = fixed_an
+    cand = [(s2, i) for s2 in moving_slices for i in range(len(moving_an[s2][0]))]
+    if not cand:
+        return []
+    mprotos = torch.cat([moving_an[s2][1][i : i + 1] for s2, i in cand])
+    mmasks = torch.stack([moving_an[s2][0].masks[i] for s2, i in cand])
+    sim = similarity_matrix(mprotos, fproto)  # (K_moving, K_fixed)
+    sim = torch.where(_plausible(mmasks, fp.masks, geo, opt), sim, torch.zeros_like(sim))
+    matches = match_rois(sim, threshold=opt.threshold, mode=opt.matching, top_k=opt.top_k)
+    return [(m.fixed_index, *cand[m.moving_index], float(m.similarity)) for m in matches]
 
 
 def find_roi_pairs(
@@ -210,42 +294,29 @@ def find_roi_pairs(
     axis = through_plane_axis(fixed.grid) if fixed.ndim == 3 else None
     t0 = time.perf_counter()
     fixed_slices, moving_slices = _slices(fixed, axis), _slices(moving, axis)
-    log.info("samreg: segmenting and embedding %d fixed + %d moving slice(s)", len(fixed_slices), len(moving_slices))
+    log.info(
+        "samreg: segmenting and embedding %d fixed + %d moving slice(s)",
+        len(fixed_slices),
+        len(moving_slices),
+    )
     f_an = _analyse(fixed_slices, segmenter, encoder, opt)
     m_an = _analyse(moving_slices, segmenter, encoder, opt)
     timings["segment_embed"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    in_plane = [i for i in range(fixed.ndim) if i != axis] if axis is not None else [0, 1]
-    sp_f = [fixed.grid.spacing_array[i] for i in in_plane]
-    sp_m = [moving.grid.spacing_array[i] for i in in_plane]
-    fov = max(n * s for n, s in zip([fixed.grid.shape[i] for i in in_plane], sp_f))
+    geo = _slice_geometry(fixed, moving, axis)
     pairs: list[RoiPair] = []
-    for s, (fp, fproto) in enumerate(f_an):
-        if len(fp) == 0:
+    for s, an in enumerate(f_an):
+        if len(an[0]) == 0:
             continue
         lo = max(0, s - opt.slice_range) if axis is not None else 0
         hi = min(len(m_an) - 1, s + opt.slice_range) if axis is not None else 0
-        cand = [(s2, i) for s2 in range(lo, hi + 1) for i in range(len(m_an[s2][0]))]
-        if not cand:
-            continue
-        mprotos = torch.cat([m_an[s2][1][i : i + 1] for s2, i in cand])
-        mmasks = torch.stack([m_an[s2][0].masks[i] for s2, i in cand])
-        sim = similarity_matrix(mprotos, fproto)  # (K_moving, K_fixed)
-        # Plausibility gates on position and size (see SamRegOptions).
-        shift = torch.cdist(_centroids_mm_2d(mmasks, sp_m), _centroids_mm_2d(fp.masks, sp_f))
-        area_m = mmasks.flatten(1).sum(1).float() * float(np.prod(sp_m))
-        area_f = fp.masks.flatten(1).sum(1).float() * float(np.prod(sp_f))
-        ratio = torch.maximum(area_m[:, None] / area_f[None], area_f[None] / area_m[:, None])
-        plausible = (shift <= opt.max_shift_frac * fov) & (ratio <= opt.max_area_ratio)
-        sim = torch.where(plausible, sim, torch.zeros_like(sim))
-        for match in match_rois(sim, threshold=opt.threshold, mode=opt.matching, top_k=opt.top_k):
-            s2, i = cand[match.moving_index]
+        for j, s2, i, similarity in _match_slice(an, m_an, range(lo, hi + 1), geo, opt):
             pairs.append(
                 RoiPair(
-                    _lift(fp.masks[match.fixed_index], fixed.grid.shape, axis, s),
+                    _lift(an[0].masks[j], fixed.grid.shape, axis, s),
                     _lift(m_an[s2][0].masks[i], moving.grid.shape, axis, s2),
-                    float(match.similarity),
+                    similarity,
                     s if axis is not None else None,
                     s2 if axis is not None else None,
                 )
@@ -255,10 +326,25 @@ def find_roi_pairs(
     return pairs
 
 
-def label_roi_pairs(fixed_labels: Image, moving_labels: Image, values: Sequence[int] | None = None) -> list[RoiPair]:
-    """Case 1 of the paper: one pair per label value present in both maps (0 excluded)."""
+def label_roi_pairs(
+    fixed_labels: Image, moving_labels: Image, values: Sequence[int] | None = None
+) -> list[RoiPair]:
+    """Case 1 of the paper: one pair per label value present in both maps (0 excluded).
+
+    Args:
+        fixed_labels, moving_labels: integer label maps (any dimensionality).
+        values: label values to pair; None takes every non-zero value in both maps.
+
+    Returns:
+        Pairs of whole-image masks with similarity 1 and source ``"labels:<value>"``.
+
+    Raises:
+        FmregError: no value is present in both maps.
+    """
     if values is None:
-        present = [set(np.unique(lab.data.numpy()).tolist()) for lab in (fixed_labels, moving_labels)]
+        present = [
+            set(np.unique(lab.data.numpy()).tolist()) for lab in (fixed_labels, moving_labels)
+        ]
         values = sorted(present[0] & present[1] - {0})
     pairs = []
     for v in values:
@@ -268,38 +354,3 @@ def label_roi_pairs(fixed_labels: Image, moving_labels: Image, values: Sequence[
     if not pairs:
         raise FmregError("the label maps share no non-zero label value: nothing to pair")
     return pairs
-
-
-def fit_pairs(
-    fixed: Image, moving: Image, pairs: list[RoiPair], fit_options: FitOptions | None = None
-) -> tuple[DisplacementField, dict]:
-    """Dense field from ROI pairs (Eq. 10), pair weights = similarity."""
-    if pairs:
-        fm = torch.stack([p.fixed_mask for p in pairs])
-        mm = torch.stack([p.moving_mask for p in pairs])
-        w = torch.tensor([p.similarity for p in pairs])
-    else:
-        fm = torch.zeros((0, *fixed.grid.shape))
-        mm = torch.zeros((0, *moving.grid.shape))
-        w = None
-    sliced = [p.fixed_slice is not None for p in pairs]
-    slice_axis = through_plane_axis(fixed.grid) if pairs and all(sliced) else None
-    u, report = fit_field(fixed.grid, fm, mm, moving.grid, fit_options, fixed.data, moving.data, w, slice_axis)
-    return u, asdict(report)
-
-
-def samreg(
-    fixed: Image,
-    moving: Image,
-    segmenter: Segmenter,
-    encoder: Encoder,
-    options: SamRegOptions | None = None,
-    fit_options: FitOptions | None = None,
-) -> SamRegResult:
-    """Training-free registration (Alg. 1 + Eq. 10): ROI pairs, then the dense fit."""
-    timings: dict[str, float] = {}
-    pairs = find_roi_pairs(fixed, moving, segmenter, encoder, options, timings)
-    t = time.perf_counter()
-    u, report = fit_pairs(fixed, moving, pairs, fit_options)
-    timings["fit"] = time.perf_counter() - t
-    return SamRegResult(u, pairs, timings, report)

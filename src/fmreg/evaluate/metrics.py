@@ -12,7 +12,8 @@ All functions are plain functions on tensors plus a :class:`~fmreg.core.grid.Gri
 
 Undefined scores (a label absent from a map, an empty mask) are returned as NaN and reported
 with a :class:`RuntimeWarning` rather than raised, so one bad label does not abort a benchmark;
-the ``mean_*`` summaries of :class:`LabelScores` skip NaN.
+the ``mean_*`` summaries of :class:`fmreg.evaluate.scoring.LabelScores` skip NaN. Scoring a
+whole registered pair (every label, TRE, regularity) is :mod:`fmreg.evaluate.scoring`.
 
 Surface distances follow MONAI's ``compute_hausdorff_distance`` /
 ``compute_average_surface_distance`` (non-directed / symmetric) conventions, documented on
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -35,16 +35,16 @@ from fmreg.errors import FmregError
 from fmreg.core.grid import Frame, Grid
 
 __all__ = [
-    "LabelScores",
     "average_surface_distance",
     "binarize_fg",
     "centroid_tre",
     "dice",
-    "evaluate_labels",
     "folding_percent",
     "hausdorff_distance",
     "hd95",
     "landmark_tre",
+    "physical_centroid",
+    "score_label_masks",
     "std_log_jacobian",
     "surface_distances",
 ]
@@ -81,14 +81,14 @@ def _check_on_grid(x: Tensor, grid: Grid, what: str) -> None:
         )
 
 
-def _label_values(labels: Iterable) -> tuple[int, ...]:
-    if isinstance(labels, (str, bytes)):
+def _check_label_values(label_values: Iterable) -> tuple[int, ...]:
+    if isinstance(label_values, (str, bytes)):
         raise FmregError(
-            f"labels must be a sequence of integer label values, got the string {labels!r} "
+            f"labels must be a sequence of integer label values, got the string {label_values!r} "
             "(binarize 'fg' masks with binarize_fg and score label 1)"
         )
     out = []
-    for v in labels:
+    for v in label_values:
         try:
             fv = float(v.item() if isinstance(v, Tensor) else v)
         except (TypeError, ValueError):
@@ -108,38 +108,33 @@ def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _nanmean(values: Iterable[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(sum(finite) / len(finite)) if finite else math.nan
-
-
 # ---------------------------------------------------------------------------- overlap
-def binarize_fg(labels: Tensor) -> Tensor:
+def binarize_fg(label_map: Tensor) -> Tensor:
     """Binary foreground of an anti-aliased mask (the manifest's ``fg`` label convention).
 
     Args:
-        labels: Raw mask as read from file, any shape, values 0..255 (e.g. a PNG render).
+        label_map: Raw mask as read from file, any shape, values 0..255 (e.g. a PNG render).
             Apply this to the *raw* map only: a map already binarized to 0/1 would come out
             all background.
 
     Returns:
-        ``int64`` tensor of the same shape and device: 1 where ``labels > 127``, else 0.
+        ``int64`` tensor of the same shape and device: 1 where ``label_map > 127``, else 0.
         Score it with label value 1.
     """
-    labels = _as_tensor(labels, "label map")
-    return (labels > FG_THRESHOLD).to(torch.int64)
+    label_map = _as_tensor(label_map, "label map")
+    return (label_map > FG_THRESHOLD).to(torch.int64)
 
 
-def dice(pred: Tensor, target: Tensor, labels: Sequence[int]) -> dict[int, float]:
+def dice(pred: Tensor, target: Tensor, label_values: Sequence[int]) -> dict[int, float]:
     """Per-label Dice overlap ``2|P ∩ T| / (|P| + |T|)``.
 
     Args:
         pred: Integer label map, array order, e.g. the moving labels warped onto the fixed grid.
         target: Integer label map of the same shape, e.g. the fixed labels.
-        labels: Label values to score; ``0`` is allowed and scored like any other value.
+        label_values: Label values to score; ``0`` is allowed and scored like any other value.
 
     Returns:
-        ``{label value: Dice in [0, 1]}`` in the order of ``labels``. A label absent from
+        ``{label value: Dice in [0, 1]}`` in the order of ``label_values``. A label absent from
         both maps has no defined overlap: its Dice is NaN and a :class:`RuntimeWarning` says
         so. A label present in only one map scores 0.
 
@@ -150,7 +145,7 @@ def dice(pred: Tensor, target: Tensor, labels: Sequence[int]) -> dict[int, float
     target = _as_tensor(target, "target")
     _check_same_shape(pred, target, "pred", "target")
     out: dict[int, float] = {}
-    for value in _label_values(labels):
+    for value in _check_label_values(label_values):
         p = pred == value
         t = target == value
         denom = int(p.sum()) + int(t.sum())
@@ -377,7 +372,7 @@ def physical_centroid(mask: Tensor, grid: Grid) -> np.ndarray | None:
 
 
 def centroid_tre(
-    warped_moving_labels: Tensor, fixed_labels: Tensor, grid: Grid, labels: Sequence[int]
+    warped_moving_labels: Tensor, fixed_labels: Tensor, grid: Grid, label_values: Sequence[int]
 ) -> dict[int, float]:
     """Centroid TRE: distance between the physical centroids of each label in two maps.
 
@@ -391,7 +386,7 @@ def centroid_tre(
             warped onto the fixed grid.
         fixed_labels: Integer label map on ``grid``.
         grid: The fixed grid.
-        labels: Label values to score (``0`` allowed).
+        label_values: Label values to score (``0`` allowed).
 
     Returns:
         ``{label value: distance in mm (grid units)}``; NaN, with a :class:`RuntimeWarning`,
@@ -402,7 +397,7 @@ def centroid_tre(
     _check_on_grid(warped, grid, "warped_moving_labels")
     _check_on_grid(fixed, grid, "fixed_labels")
     out: dict[int, float] = {}
-    for value in _label_values(labels):
+    for value in _check_label_values(label_values):
         out[value] = _centroid_distance(warped == value, fixed == value, grid)
         if math.isnan(out[value]):
             _warn(f"label {value} is absent from a label map: its centroid TRE is NaN")
@@ -414,6 +409,29 @@ def _centroid_distance(a: Tensor, b: Tensor, grid: Grid) -> float:
     if ca is None or cb is None:
         return math.nan
     return float(np.linalg.norm(ca - cb))
+
+
+def score_label_masks(pred_mask: Tensor, target_mask: Tensor, grid: Grid) -> tuple[float, float, float, float]:
+    """Dice, HD95, ASD and centroid TRE of one label from its two masks, in one pass.
+
+    The surface distances are computed once and shared by HD95 and ASD (what
+    :func:`fmreg.evaluate.scoring.evaluate_labels` needs for every label of a pair).
+
+    Args:
+        pred_mask: Boolean mask on ``grid`` (array order), e.g. a label of the warped moving map.
+        target_mask: Boolean mask on ``grid``, the same label of the fixed map.
+        grid: The fixed grid.
+
+    Returns:
+        ``(dice, hd95, asd, centroid_tre)``; distances in mm (grid units). Undefined scores
+        are NaN, without a warning: the caller knows which label to name.
+    """
+    n_p, n_t = int(pred_mask.sum()), int(target_mask.sum())
+    dsc = 2.0 * int((pred_mask & target_mask).sum()) / (n_p + n_t) if n_p + n_t else math.nan
+    d = _surface_distances_np(_to_numpy_mask(pred_mask), _to_numpy_mask(target_mask), grid)
+    hd = _hd_from(d, 95.0) if d is not None else math.nan
+    asd = _asd_from(d) if d is not None else math.nan
+    return dsc, hd, asd, _centroid_distance(pred_mask, target_mask, grid)
 
 
 # ---------------------------------------------------------------------------- regularity
@@ -460,101 +478,3 @@ def std_log_jacobian(jac_det: Tensor, eps: float = LOG_JACOBIAN_EPS) -> float:
         raise FmregError(f"eps must be positive, got {eps}")
     log_j = torch.log(jac_det.to(torch.float64).clamp_min(eps))
     return float(log_j.std(correction=0))
-
-
-# ---------------------------------------------------------------------------- all at once
-@dataclass(frozen=True)
-class LabelScores:
-    """Per-label scores of one registered pair (all keyed by label value).
-
-    Attributes:
-        dice: Dice overlap in ``[0, 1]``.
-        hd95: 95th-percentile symmetric Hausdorff distance, mm (grid units).
-        asd: Symmetric average surface distance, mm (grid units).
-        centroid_tre: Distance between label centroids, mm (grid units).
-    """
-
-    dice: dict[int, float] = field(default_factory=dict)
-    hd95: dict[int, float] = field(default_factory=dict)
-    asd: dict[int, float] = field(default_factory=dict)
-    centroid_tre: dict[int, float] = field(default_factory=dict)
-
-    @property
-    def labels(self) -> tuple[int, ...]:
-        return tuple(self.dice)
-
-    @property
-    def mean_dice(self) -> float:
-        """Mean over labels, ignoring NaN; NaN when every label is NaN."""
-        return _nanmean(self.dice.values())
-
-    @property
-    def mean_hd95(self) -> float:
-        """Mean over labels, ignoring NaN; NaN when every label is NaN."""
-        return _nanmean(self.hd95.values())
-
-    @property
-    def mean_asd(self) -> float:
-        """Mean over labels, ignoring NaN; NaN when every label is NaN."""
-        return _nanmean(self.asd.values())
-
-    @property
-    def mean_centroid_tre(self) -> float:
-        """Mean over labels, ignoring NaN; NaN when every label is NaN."""
-        return _nanmean(self.centroid_tre.values())
-
-    def to_dict(self) -> dict:
-        """Plain nested dict (label keys as strings) for JSON reports."""
-        per_label = {
-            name: {str(k): v for k, v in getattr(self, name).items()}
-            for name in ("dice", "hd95", "asd", "centroid_tre")
-        }
-        means = {
-            "mean_dice": self.mean_dice,
-            "mean_hd95": self.mean_hd95,
-            "mean_asd": self.mean_asd,
-            "mean_centroid_tre": self.mean_centroid_tre,
-        }
-        return {**per_label, **means}
-
-
-def evaluate_labels(
-    warped_moving_labels: Tensor, fixed_labels: Tensor, grid: Grid, labels: Sequence[int]
-) -> LabelScores:
-    """Dice, HD95, ASD and centroid TRE of every label value (see the individual metrics).
-
-    For ``fg`` pairs, pass maps binarized with :func:`binarize_fg` and ``labels=(1,)``.
-
-    Args:
-        warped_moving_labels: Integer label map on ``grid`` (array order), the moving labels
-            warped onto the fixed grid.
-        fixed_labels: Integer label map on ``grid``.
-        grid: The fixed grid.
-        labels: Label values to score (``0`` allowed).
-
-    Returns:
-        :class:`LabelScores`. A label absent from one or both maps gets NaN where its score is
-        undefined (Dice only when absent from both, where a missing label in one map scores
-        0), with one :class:`RuntimeWarning` per such label.
-    """
-    warped = _as_tensor(warped_moving_labels, "warped_moving_labels")
-    fixed = _as_tensor(fixed_labels, "fixed_labels")
-    _check_on_grid(warped, grid, "warped_moving_labels")
-    _check_on_grid(fixed, grid, "fixed_labels")
-    dsc, hd, asd, tre = {}, {}, {}, {}
-    for value in _label_values(labels):
-        p = warped == value
-        t = fixed == value
-        n_p, n_t = int(p.sum()), int(t.sum())
-        dsc[value] = 2.0 * int((p & t).sum()) / (n_p + n_t) if n_p + n_t else math.nan
-        d = _surface_distances_np(_to_numpy_mask(p), _to_numpy_mask(t), grid)
-        hd[value] = _hd_from(d, 95.0) if d is not None else math.nan
-        asd[value] = _asd_from(d) if d is not None else math.nan
-        tre[value] = _centroid_distance(p, t, grid)
-        missing = [name for name, n in (("warped moving", n_p), ("fixed", n_t)) if n == 0]
-        if missing:
-            _warn(
-                f"label {value} is absent from the {' and '.join(missing)} labels: "
-                "its undefined scores are NaN"
-            )
-    return LabelScores(dice=dsc, hd95=hd, asd=asd, centroid_tre=tre)

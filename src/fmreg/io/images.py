@@ -1,29 +1,26 @@
-"""Reading and writing images, label maps and displacement fields with their geometry.
+"""Reading and writing images and label maps with their geometry (fields: :mod:`fmreg.io.fields`).
 
 NIfTI goes through SimpleITK, never through nibabel's affine: ACDC files carry an sform of
 unit scale with qform_code 0, for which nibabel reports 1 mm voxels while the spacing
 SimpleITK reads from the header (1.5625×1.5625×10 mm) is the real one.
 
-All writers are atomic: data goes to a temporary file in the destination folder, which is
-renamed over the destination only when complete.
+All writers are atomic (:func:`fmreg.io.outputs.atomic_path`): data goes to a temporary file in
+the destination folder, which is renamed over the destination only when complete.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from fmreg.errors import FmregError
-from fmreg.transforms.displacement import DisplacementField
-from fmreg.core.grid import Frame, Grid
+from fmreg.core.grid import Grid
 from fmreg.core.image import Image
+from fmreg.errors import FmregError
+from fmreg.io.outputs import atomic_path
+from fmreg.io.paths import suffix_of
 
 # ITK warns about every ACDC file ("unexpected scales in sform") although it then reads
 # the correct spacing from the header; the warning would drown fmreg's own messages.
@@ -34,56 +31,20 @@ RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NUMPY_SUFFIXES = (".npy", ".npz")
 
 
-def suffix_of(path: str | Path) -> str:
-    name = str(path).lower()
-    for suf in (".nii.gz",):
-        if name.endswith(suf):
-            return suf
-    return Path(name).suffix
-
-
 def is_2d_raster(path: str | Path) -> bool:
+    """True for a picture file (PNG, JPG, ...): 2D, unit pixel grid, written back as a picture."""
     return suffix_of(path) in RASTER_SUFFIXES
 
 
-# ---------------------------------------------------------------------------- atomic output
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` that replaces ``path`` on success.
-
-    The temporary name keeps the suffix so that writers choosing a format by extension
-    (SimpleITK, Pillow) still do the right thing.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".fmreg-tmp-", suffix=suffix_of(path), dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp makes 0600 files; outputs should get the permissions any new file would get.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 # ---------------------------------------------------------------------------- images
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     """The first line of an exception's message (ITK's run to dozens), or its type."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
+    """Raise a one-line :class:`FmregError` when ``path`` is missing or a folder."""
     if not path.exists():
         raise FmregError(f"file not found: {path}")
     if path.is_dir():
@@ -111,8 +72,8 @@ def to_sitk(image: Image | np.ndarray, grid: Grid | None = None) -> sitk.Image:
     return img
 
 
-def _from_array(arr: np.ndarray, grid: Grid, label: bool, name: str) -> Image:
-    if label:
+def _from_array(arr: np.ndarray, grid: Grid, is_label: bool, name: str) -> Image:
+    if is_label:
         if np.issubdtype(arr.dtype, np.floating):
             if not np.all(np.isfinite(arr)) or not np.allclose(arr, np.round(arr)):
                 raise FmregError(f"{name}: label map has non-integer values")
@@ -122,7 +83,7 @@ def _from_array(arr: np.ndarray, grid: Grid, label: bool, name: str) -> Image:
     return Image(data, grid, name)
 
 
-def read_image(path: str | Path, label: bool = False) -> Image:
+def read_image(path: str | Path, is_label: bool = False) -> Image:
     """Read an image or label map with its geometry.
 
     Args:
@@ -130,13 +91,13 @@ def read_image(path: str | Path, label: bool = False) -> Image:
             spacing 1, origin 0), or NumPy ``.npy`` / ``.npz`` (array order, unit spacing; an
             ``.npz`` may hold ``spacing``/``origin``/``direction`` arrays in x, y[, z] order and
             the data under ``image``, ``vol``, ``seg`` (for labels) or its only array).
-        label: Read as an integer label map: values are kept exactly, never interpolated.
+        is_label: Read as an integer label map: values are kept exactly, never interpolated.
 
     Returns:
         An :class:`Image`: float32 intensities, or int64 labels.
     """
     path = Path(path)
-    _check_readable(path)
+    check_readable(path)
     name = path.name
     suf = suffix_of(path)
     try:
@@ -149,23 +110,23 @@ def read_image(path: str | Path, label: bool = False) -> Image:
                 arr = np.asarray(pil)
             if arr.ndim != 2:
                 raise FmregError(f"{path}: expected a single-channel or RGB picture")
-            return _from_array(arr, Grid(arr.shape), label, name)
+            return _from_array(arr, Grid(arr.shape), is_label, name)
         if suf in NUMPY_SUFFIXES:
-            return _read_numpy(path, label)
+            return _read_numpy(path, is_label)
         img = sitk.ReadImage(str(path))
-        if suf in (".nii", ".nii.gz") and not label:
+        if suf in (".nii", ".nii.gz") and not is_label:
             _check_nifti_finite(path)
     except FmregError:
         raise
     except Exception as exc:  # unreadable file: a one-line message, not a traceback
-        raise FmregError(f"cannot read {path}: {_first_line(exc)}") from exc
+        raise FmregError(f"cannot read {path}: {first_line(exc)}") from exc
     if img.GetNumberOfComponentsPerPixel() != 1:
-        if label:
+        if is_label:
             raise FmregError(f"{path}: a label map must have one component per voxel")
         img = _luminance(img)
     if img.GetDimension() == 4:
         raise FmregError(f"{path}: 4D images are not supported; extract a 3D frame first")
-    return _from_array(sitk.GetArrayFromImage(img), grid_of(img), label, name)
+    return _from_array(sitk.GetArrayFromImage(img), grid_of(img), is_label, name)
 
 
 def _check_nifti_finite(path: Path) -> None:
@@ -206,13 +167,13 @@ def _luminance(img: sitk.Image) -> sitk.Image:
     return out
 
 
-def _read_numpy(path: Path, label: bool) -> Image:
+def _read_numpy(path: Path, is_label: bool) -> Image:
     if suffix_of(path) == ".npy":
         arr = np.load(path, allow_pickle=False)
-        return _from_array(arr, Grid(arr.shape), label, path.name)
+        return _from_array(arr, Grid(arr.shape), is_label, path.name)
     with np.load(path, allow_pickle=False) as npz:
         keys = list(npz.keys())
-        preferred = ("seg", "label", "labels") if label else ("image", "vol", "data")
+        preferred = ("seg", "label", "labels") if is_label else ("image", "vol", "data")
         key = next((k for k in preferred if k in keys), None)
         if key is None:
             arrays = [k for k in keys if k not in ("spacing", "origin", "direction")]
@@ -221,7 +182,7 @@ def _read_numpy(path: Path, label: bool) -> Image:
             key = arrays[0]
         arr = npz[key]
         geom = {k: tuple(np.asarray(npz[k]).ravel()) for k in ("spacing", "origin", "direction") if k in keys}
-    return _from_array(arr, Grid(arr.shape, **geom), label, path.name)
+    return _from_array(arr, Grid(arr.shape, **geom), is_label, path.name)
 
 
 def write_image(image: Image, path: str | Path) -> Path:
@@ -252,50 +213,3 @@ def write_image(image: Image, path: str | Path) -> Path:
         else:
             sitk.WriteImage(to_sitk(image), str(tmp), useCompression=suf.endswith(".gz"))
     return path
-
-
-# ---------------------------------------------------------------------------- fields
-def field_to_sitk(field: DisplacementField) -> sitk.Image:
-    """An ITK displacement field image (float64 vectors, physical mm, world axes)."""
-    u = field.to(Frame.PHYSICAL)
-    arr = u.data.detach().cpu().double().movedim(0, -1).numpy()  # (*shape, ndim), x-first
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=True)
-    img.SetSpacing(u.grid.spacing)
-    img.SetOrigin(u.grid.origin)
-    img.SetDirection(u.grid.direction)
-    return img
-
-
-def write_field(field: DisplacementField, path: str | Path) -> Path:
-    """Write ``ddf.nii.gz``: an ITK displacement field that
-    ``sitk.DisplacementFieldTransform(sitk.ReadImage(path, sitk.sitkVectorFloat64))`` loads
-    as the fixed→moving transform ``T(x) = x + u(x)``."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(field_to_sitk(field), str(tmp), useCompression=str(path).endswith(".gz"))
-    return path
-
-
-def read_field(path: str | Path) -> DisplacementField:
-    """Read an ITK displacement field (vectors in physical mm, world axes)."""
-    path = Path(path)
-    _check_readable(path)
-    try:
-        img = sitk.ReadImage(str(path))
-    except Exception as exc:
-        raise FmregError(f"cannot read {path}: {_first_line(exc)}") from exc
-    grid = grid_of(img)
-    if img.GetNumberOfComponentsPerPixel() != grid.ndim:
-        raise FmregError(
-            f"{path} is not a displacement field: {img.GetNumberOfComponentsPerPixel()} "
-            f"components per voxel on a {grid.ndim}D grid"
-        )
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (*shape, ndim)
-    return DisplacementField(torch.from_numpy(np.moveaxis(arr, -1, 0).copy()), grid, Frame.PHYSICAL)
-
-
-def field_from_sitk(img: sitk.Image) -> DisplacementField:
-    """A :class:`DisplacementField` from an in-memory ITK displacement field image."""
-    grid = grid_of(img)
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    return DisplacementField(torch.from_numpy(np.moveaxis(arr, -1, 0).copy()), grid, Frame.PHYSICAL)

@@ -1,4 +1,4 @@
-"""Pair manifests (``pairs.csv``) and landmark files.
+"""Registration cases: pair manifests (``pairs.csv``), the :class:`Case` of one pair, landmark files.
 
 A manifest lists one registration pair per row; its format is described in
 ``../shared/data/README.md``:
@@ -18,25 +18,29 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from fmreg.core.image import Image, check_label_grid, check_pair
 from fmreg.errors import FmregError
 from fmreg.evaluate.metrics import binarize_fg
+from fmreg.io.images import is_2d_raster, read_image
+from fmreg.io.paths import absolute
 
 __all__ = [
+    "Case",
     "LabelSpec",
-    "PairSpec",
+    "ROLES",
     "read_landmark_pair",
     "read_landmarks",
     "read_manifest",
 ]
 
 REQUIRED_COLUMNS = ("name", "fixed", "moving")
-OPTIONAL_PATH_COLUMNS = ("fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks")
 
 
 @dataclass(frozen=True)
@@ -95,57 +99,141 @@ class LabelSpec:
         """Label values to pass to the metrics: ``(1,)`` for ``fg``, else :attr:`values`."""
         return (1,) if self.fg else self.values
 
-    def prepare(self, labels: Tensor) -> Tensor:
+    def prepare(self, label_map: Tensor) -> Tensor:
         """Turn a raw label map as read from file into the map that is scored.
 
         Args:
-            labels: Label map, any shape; for ``fg`` the raw 0..255 mask (apply once only).
+            label_map: Label map, any shape; for ``fg`` the raw 0..255 mask (apply once only).
 
         Returns:
             The binarized ``int64`` map for ``fg`` (see :func:`fmreg.evaluate.metrics.binarize_fg`),
-            else ``labels`` unchanged.
+            else ``label_map`` unchanged.
         """
-        return binarize_fg(labels) if self.fg else labels
+        return binarize_fg(label_map) if self.fg else label_map
 
     def __str__(self) -> str:
         return "fg" if self.fg else " ".join(map(str, self.values))
 
 
+#: The files of a case, in the order ``result.json`` lists them under ``"inputs"``.
+ROLES = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks")
+
+
 @dataclass(frozen=True)
-class PairSpec:
-    """One row of a pair manifest, with absolute paths.
+class Case:
+    """One registration pair: its files, what to score, and once loaded its data.
 
     Registration maps fixed-image coordinates to moving-image coordinates (pull-back): the
     moving image and labels are warped onto the fixed grid and compared with the fixed ones.
+    A case is first a description (a manifest row, or the files named on the command line);
+    :meth:`load` returns a copy that also holds the images, label maps and landmarks, read
+    and checked against each other.
 
     Attributes:
-        name: Unique pair name.
-        fixed, moving: Image files.
-        fixed_labels, moving_labels: Label maps on the grid of their image, or ``None``.
-        fixed_landmarks, moving_landmarks: Landmark CSV files, or ``None``.
-        labels: Which label values to score (empty when there are no label maps).
+        name: Pair name (unique in a manifest; empty for a pair named on the command line).
+        paths: Absolute path per role of :data:`ROLES` (``None`` for a role not given).
+        label_spec: Which label values to score; ``None`` to pick them from the fixed label
+            map (:func:`fmreg.evaluate.scoring.default_label_spec`).
+        fixed, moving: The images, on their own grids (after :meth:`load`).
+        fixed_labels, moving_labels: Integer label maps on the grid of their image, or ``None``.
+        fixed_landmarks, moving_landmarks: ``(N, ndim)`` float64 points, components
+            ``(x, y[, z])`` (2D: pixels, 3D: mm; see :func:`read_landmarks`), or ``None``.
     """
 
     name: str
-    fixed: Path
-    moving: Path
-    fixed_labels: Path | None = None
-    moving_labels: Path | None = None
-    fixed_landmarks: Path | None = None
-    moving_landmarks: Path | None = None
-    labels: LabelSpec = LabelSpec()
+    paths: dict[str, Path | None]
+    label_spec: LabelSpec | None = None
+    fixed: Image | None = None
+    moving: Image | None = None
+    fixed_labels: Image | None = None
+    moving_labels: Image | None = None
+    fixed_landmarks: Tensor | None = None
+    moving_landmarks: Tensor | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        fixed: str | os.PathLike,
+        moving: str | os.PathLike,
+        fixed_labels: str | os.PathLike | None = None,
+        moving_labels: str | os.PathLike | None = None,
+        fixed_landmarks: str | os.PathLike | None = None,
+        moving_landmarks: str | os.PathLike | None = None,
+        *,
+        name: str = "",
+        label_spec: LabelSpec | None = None,
+    ) -> "Case":
+        """A case from file names (relative names are taken from the working folder).
+
+        Raises:
+            FmregError: When landmarks are given for one side only.
+        """
+        given = (fixed, moving, fixed_labels, moving_labels, fixed_landmarks, moving_landmarks)
+        paths = {role: absolute(p) if p else None for role, p in zip(ROLES, given)}
+        if (paths["fixed_landmarks"] is None) != (paths["moving_landmarks"] is None):
+            raise FmregError("give both --fixed-landmarks and --moving-landmarks, or neither")
+        return cls(name, paths, label_spec)
 
     @property
     def has_labels(self) -> bool:
-        return self.fixed_labels is not None and self.moving_labels is not None
+        """True when both label maps are given."""
+        return self.paths.get("fixed_labels") is not None and self.paths.get("moving_labels") is not None
 
     @property
     def has_landmarks(self) -> bool:
-        return self.fixed_landmarks is not None and self.moving_landmarks is not None
+        """True when both landmark files are given."""
+        return self.paths.get("fixed_landmarks") is not None and self.paths.get("moving_landmarks") is not None
+
+    @property
+    def raster(self) -> bool:
+        """True when the fixed image is a 2D picture file: outputs on its grid are PNG."""
+        p = self.paths.get("fixed")
+        return p is not None and is_2d_raster(p)
+
+    @property
+    def loaded(self) -> bool:
+        """True once :meth:`load` has read the images."""
+        return self.fixed is not None
 
     def scored_values(self) -> tuple[int, ...]:
-        """Label values to score (``(1,)`` for ``fg`` pairs; empty without labels)."""
-        return self.labels.scored_values()
+        """Label values to score (``(1,)`` for ``fg`` pairs; empty without a label spec)."""
+        return self.label_spec.scored_values() if self.label_spec is not None else ()
+
+    def load(self, log: Callable[[str], None] = lambda message: None) -> "Case":
+        """Read and validate the files (every check a registration needs before it starts).
+
+        Args:
+            log: Progress line naming the images read.
+
+        Returns:
+            A copy of this case holding the images, label maps and landmarks.
+
+        Raises:
+            FmregError: Missing/unreadable file, different dimensionality, NaN/Inf intensities,
+                a label map off its image's grid, landmarks of the wrong dimensionality.
+        """
+        paths = self.paths
+        log(f"reading {paths['fixed'].name} (fixed) and {paths['moving'].name} (moving)")
+        fixed = read_image(paths["fixed"])
+        moving = read_image(paths["moving"])
+        check_pair(fixed, moving)
+        label_maps = {}
+        for role, image in (("fixed_labels", fixed), ("moving_labels", moving)):
+            label_maps[role] = None
+            if paths[role] is not None:
+                label_maps[role] = read_image(paths[role], is_label=True)
+                check_label_grid(label_maps[role], image)
+        points = (None, None)
+        if paths["fixed_landmarks"] is not None:
+            points = read_landmark_pair(paths["fixed_landmarks"], paths["moving_landmarks"])
+            if points[0].shape[1] != fixed.ndim:
+                raise FmregError(
+                    f"landmarks are {points[0].shape[1]}D but the images are {fixed.ndim}D: "
+                    f"{paths['fixed_landmarks']}"
+                )
+        return replace(
+            self, fixed=fixed, moving=moving, **label_maps, fixed_landmarks=points[0], moving_landmarks=points[1]
+        )
 
 
 def _resolve(base: Path, cell: str) -> Path:
@@ -162,25 +250,10 @@ def _check_both(pair: str, a: Path | None, b: Path | None, col_a: str, col_b: st
         )
 
 
-def read_manifest(path: str | os.PathLike) -> list[PairSpec]:
-    """Read and validate a pair manifest.
-
-    Args:
-        path: The manifest CSV. Paths in it are relative to its folder.
-
-    Returns:
-        The pairs in file order.
-
-    Raises:
-        FmregError: When the file is missing or empty, a required column (``name``, ``fixed``,
-            ``moving``) is absent, a row has the wrong number of fields or an empty required
-            cell, a pair name repeats, a referenced file does not exist, ``labels`` does not
-            parse, or labels/landmarks are given for only one side or without the other.
-    """
-    path = Path(path)
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank rows (with their line numbers) of a manifest."""
     if not path.is_file():
         raise FmregError(f"manifest not found: {path}")
-    base = Path(os.path.abspath(path.parent))
     # utf-8-sig: spreadsheet programs often save CSV with a byte-order mark.
     with path.open(newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
@@ -197,10 +270,69 @@ def read_manifest(path: str | os.PathLike) -> list[PairSpec]:
         raise FmregError(f"manifest {path} repeats the column {dupes[0]!r}")
     if len(rows) == 1:
         raise FmregError(f"manifest {path} lists no pairs")
+    return header, rows[1:]
 
-    pairs: list[PairSpec] = []
+
+def _row_files(name: str, cells: dict[str, str], base: Path) -> dict[str, Path | None]:
+    """The absolute path per role of one row; every named file must exist."""
+    files: dict[str, Path | None] = {}
+    for col in ROLES:
+        cell = cells.get(col, "")
+        if not cell:
+            if col in REQUIRED_COLUMNS:
+                raise FmregError(f"pair {name!r}: the {col!r} cell is empty")
+            files[col] = None
+            continue
+        p = _resolve(base, cell)
+        if not p.is_file():
+            raise FmregError(f"pair {name!r}: {col} file not found: {p}")
+        files[col] = p
+    return files
+
+
+def _row_label_spec(name: str, cells: dict[str, str], files: dict[str, Path | None]) -> LabelSpec | None:
+    """The row's ``labels`` cell, checked against its label maps (``None`` without maps)."""
+    try:
+        spec = LabelSpec.parse(cells.get("labels", ""))
+    except FmregError as exc:
+        raise FmregError(f"pair {name!r}: {exc}") from None
+    for col_a, col_b in (
+        ("fixed_labels", "moving_labels"),
+        ("fixed_landmarks", "moving_landmarks"),
+    ):
+        _check_both(name, files[col_a], files[col_b], col_a, col_b)
+    has_label_maps = files["fixed_labels"] is not None
+    if has_label_maps and spec.empty:
+        raise FmregError(
+            f"pair {name!r} has label maps but no labels to score: write 'fg' or label "
+            "values such as '1 2 3' in the labels column"
+        )
+    if not has_label_maps and not spec.empty:
+        raise FmregError(f"pair {name!r} lists labels {str(spec)!r} but has no label maps")
+    return spec if has_label_maps else None
+
+
+def read_manifest(path: str | os.PathLike) -> list[Case]:
+    """Read and validate a pair manifest.
+
+    Args:
+        path: The manifest CSV. Paths in it are relative to its folder.
+
+    Returns:
+        One :class:`Case` per row in file order (not loaded; see :meth:`Case.load`).
+
+    Raises:
+        FmregError: When the file is missing or empty, a required column (``name``, ``fixed``,
+            ``moving``) is absent, a row has the wrong number of fields or an empty required
+            cell, a pair name repeats, a referenced file does not exist, ``labels`` does not
+            parse, or labels/landmarks are given for only one side or without the other.
+    """
+    path = Path(path)
+    header, rows = _read_rows(path)
+    base = Path(os.path.abspath(path.parent))
+    cases: list[Case] = []
     seen: dict[str, int] = {}
-    for line, row in rows[1:]:
+    for line, row in rows:
         if len(row) != len(header):
             raise FmregError(
                 f"manifest {path} line {line} has {len(row)} fields but the header has "
@@ -215,40 +347,9 @@ def read_manifest(path: str | os.PathLike) -> list[PairSpec]:
                 f"manifest {path}: pair name {name!r} is used on lines {seen[name]} and {line}"
             )
         seen[name] = line
-
-        files: dict[str, Path | None] = {}
-        for col in REQUIRED_COLUMNS[1:] + OPTIONAL_PATH_COLUMNS:
-            cell = cells.get(col, "")
-            if not cell:
-                if col in REQUIRED_COLUMNS:
-                    raise FmregError(f"pair {name!r}: the {col!r} cell is empty")
-                files[col] = None
-                continue
-            p = _resolve(base, cell)
-            if not p.is_file():
-                raise FmregError(f"pair {name!r}: {col} file not found: {p}")
-            files[col] = p
-
-        try:
-            labels = LabelSpec.parse(cells.get("labels", ""))
-        except FmregError as exc:
-            raise FmregError(f"pair {name!r}: {exc}") from None
-        for col_a, col_b in (
-            ("fixed_labels", "moving_labels"),
-            ("fixed_landmarks", "moving_landmarks"),
-        ):
-            _check_both(name, files[col_a], files[col_b], col_a, col_b)
-        has_label_maps = files["fixed_labels"] is not None
-        if has_label_maps and labels.empty:
-            raise FmregError(
-                f"pair {name!r} has label maps but no labels to score: write 'fg' or label "
-                "values such as '1 2 3' in the labels column"
-            )
-        if not has_label_maps and not labels.empty:
-            raise FmregError(f"pair {name!r} lists labels {str(labels)!r} but has no label maps")
-
-        pairs.append(PairSpec(name=name, labels=labels, **files))
-    return pairs
+        files = _row_files(name, cells, base)
+        cases.append(Case(name, files, _row_label_spec(name, cells, files)))
+    return cases
 
 
 def read_landmarks(path: str | os.PathLike) -> Tensor:

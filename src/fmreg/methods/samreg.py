@@ -8,19 +8,92 @@
   sees the ground truth, hence its own name.
 
 Any segmenter pairs with any encoder: ``segmenter=sam encoder=classical`` and so on.
+
+The method is :func:`samreg` (paper 002, Alg. 1 + Eq. 10): ROI pairs from
+:func:`fmreg.correspond.pairs.find_roi_pairs`, then the dense fit of
+:func:`fmreg.optimize.fit.fit_field` (:func:`fit_pairs`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, fields
+import time
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from fmreg.errors import FmregError
+import torch
+
+from fmreg.core.grid import through_plane_axis
 from fmreg.core.image import Image
-from fmreg.optimize.fit import FitOptions
-from fmreg.correspond.pairs import SamRegOptions, fit_pairs, label_roi_pairs, samreg
+from fmreg.correspond.pairs import RoiPair, SamRegOptions, find_roi_pairs, label_roi_pairs
+from fmreg.errors import FmregError
 from fmreg.methods.base import RegistrationResult, check_parameter_types, register_method
+from fmreg.optimize.fit import FitOptions, fit_field
+from fmreg.segment.base import Encoder, Segmenter
+from fmreg.segment.filtering import MIN_SCORE, MIN_STABILITY
+from fmreg.transforms.displacement import DisplacementField
+
+__all__ = ["SamRegOptions", "SamRegResult", "fit_pairs", "samreg"]
+
+
+@dataclass
+class SamRegResult:
+    """What :func:`samreg` found and fitted.
+
+    Attributes:
+        field: The dense displacement on the fixed grid.
+        pairs: The ROI pairs the fit used.
+        timings: Stage durations in seconds (``segment_embed``, ``match``, ``fit``).
+        fit_report: The fit's report as a JSON-ready dict.
+    """
+
+    field: DisplacementField
+    pairs: list[RoiPair]
+    timings: dict[str, float] = field(default_factory=dict)
+    fit_report: dict = field(default_factory=dict)
+
+
+def fit_pairs(
+    fixed: Image, moving: Image, pairs: list[RoiPair], fit_options: FitOptions | None = None
+) -> tuple[DisplacementField, dict]:
+    """Dense field from ROI pairs (Eq. 10), pair weights = similarity.
+
+    Returns:
+        The displacement on the fixed grid and the fit report as a dict. Pairs found slice by
+        slice (all with a ``fixed_slice``) are fitted knowing the through-plane axis.
+    """
+    if pairs:
+        fm = torch.stack([p.fixed_mask for p in pairs])
+        mm = torch.stack([p.moving_mask for p in pairs])
+        w = torch.tensor([p.similarity for p in pairs])
+    else:
+        fm = torch.zeros((0, *fixed.grid.shape))
+        mm = torch.zeros((0, *moving.grid.shape))
+        w = None
+    sliced = [p.fixed_slice is not None for p in pairs]
+    slice_axis = through_plane_axis(fixed.grid) if pairs and all(sliced) else None
+    u, report = fit_field(
+        fixed.grid, fm, mm, moving.grid, fit_options, fixed.data, moving.data, w, slice_axis
+    )
+    return u, asdict(report)
+
+
+def samreg(
+    fixed: Image,
+    moving: Image,
+    segmenter: Segmenter,
+    encoder: Encoder,
+    options: SamRegOptions | None = None,
+    fit_options: FitOptions | None = None,
+) -> SamRegResult:
+    """Training-free registration (Alg. 1 + Eq. 10): ROI pairs, then the dense fit."""
+    timings: dict[str, float] = {}
+    pairs = find_roi_pairs(fixed, moving, segmenter, encoder, options, timings)
+    t = time.perf_counter()
+    u, report = fit_pairs(fixed, moving, pairs, fit_options)
+    timings["fit"] = time.perf_counter() - t
+    return SamRegResult(u, pairs, timings, report)
+
 
 _ROI_KEYS = {f.name for f in fields(SamRegOptions)}
 _FIT_KEYS = {f.name for f in fields(FitOptions)}
@@ -39,8 +112,8 @@ def _split_params(params: dict[str, Any]) -> tuple[SamRegOptions, FitOptions, di
     return SamRegOptions(**roi), FitOptions(**fit), rest
 
 
-#: Paper 002, Sec. 4.2: SAM's pred-iou-thresh and stability-score-thresh set to 0.90.
-SAM_DEFAULTS = {"pred_iou_thresh": 0.90, "stability_score_thresh": 0.90}
+#: SamBackend thresholds: the paper's (Sec. 4.2) rather than SAM's own defaults.
+SAM_DEFAULTS = {"pred_iou_thresh": MIN_SCORE, "stability_score_thresh": MIN_STABILITY}
 
 
 def _make_backend(kind: str, model: str | None, role: str, cache: dict, sam_options: dict | None = None):
@@ -129,8 +202,6 @@ class SamRegLabelsMethod:
 
     def register(self, fixed: Image, moving: Image, fixed_labels: Image | None = None,
                  moving_labels: Image | None = None) -> RegistrationResult:
-        import time
-
         if fixed_labels is None or moving_labels is None:
             raise FmregError("samreg-labels needs both label maps (--fixed-labels and --moving-labels)")
         pairs = label_roi_pairs(fixed_labels, moving_labels)

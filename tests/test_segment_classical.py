@@ -12,13 +12,13 @@ from torch.testing import assert_close
 from fmreg.core.intensity import normalize
 from fmreg.errors import FmregError
 from fmreg.segment.classical import (
-    HIST_WEIGHT,
     ClassicalEncoder,
     ClassicalSegmenter,
     classical_features,
     mind_ssc,
     propose_regions,
 )
+from fmreg.segment.classical.encoder import HIST_WEIGHT
 from fmreg.segment.filtering import filter_proposals
 from fmreg.correspond.matching import match_rois, similarity_matrix
 from fmreg.segment.base import Encoder, Segmenter

@@ -22,15 +22,8 @@ from fmreg.errors import FmregError
 from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, sample, warp
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image
-from fmreg.optimize.fit import (
-    FitOptions,
-    _identity_norm,
-    fit_field,
-    gradient_penalty,
-    level_grids,
-    lncc,
-    scaling_and_squaring,
-)
+from fmreg.optimize.fit import FitOptions, fit_field
+from fmreg.optimize.pyramid import level_grids
 
 ROI_ONLY = dict(image_weight=0.0, verify_dice=None, reg_weight=0.5, lr=0.5)
 
@@ -76,67 +69,6 @@ def _assert_no_folding(u: DisplacementField) -> None:
 
 
 # ---------------------------------------------------------------------------- building blocks
-@pytest.mark.parametrize("shape", [(9, 11), (5, 7, 6)])
-def test_scaling_and_squaring_of_a_constant_velocity_is_that_translation(shape):
-    ndim = len(shape)
-    v = torch.tensor([0.3, -0.2, 0.45][:ndim])  # normalized units, x first
-    v_field = v.expand(1, *shape, ndim).contiguous()
-    ident = _identity_norm(shape)
-    u = scaling_and_squaring(v_field, ident, steps=7)
-    assert u.shape == (1, *shape, ndim)
-    # A constant field composed with itself stays constant: exp(v) is the translation by v,
-    # everywhere (the interior trivially; border padding extends the constant outside).
-    assert_close(u, v_field)
-    assert_close(scaling_and_squaring(torch.zeros_like(v_field), ident, 7), torch.zeros_like(v_field))
-
-
-def test_scaling_and_squaring_of_a_linear_contraction_is_its_exponential():
-    # v(x) = a x (x component only, a < 0): the flow x' = a x keeps every point inside the
-    # grid and linear interpolation of a linear field is exact, so exp(v)(x) = x e^a up to the
-    # scaling-and-squaring error, relative ~ a²/2^(steps+1) (about 1e-3 for a = -0.5, 7 steps).
-    shape = (5, 33)
-    a = -0.5
-    ident = _identity_norm(shape)
-    v = torch.zeros(1, *shape, 2)
-    v[..., 0] = a * ident[..., 0]
-    u = scaling_and_squaring(v, ident, steps=7)
-    expected = torch.zeros_like(u)
-    expected[..., 0] = ident[..., 0] * (math.exp(a) - 1)
-    assert_close(u, expected, atol=2e-3, rtol=0)
-
-
-def test_gradient_penalty_of_a_linear_field_on_an_anisotropic_grid():
-    # v_c(z, y, x) = A[c, 0] z + A[c, 1] y + A[c, 2] x in index units, spacing (array order)
-    # 5, 2, 0.5 mm: every forward difference along axis k is A[c, k] / sp_k, so the penalty is
-    # sum_k mean_c (A[c, k] / sp_k)^2.
-    coeff = torch.tensor([[1.0, 0.5, 0.1], [2.0, -1.0, 0.2], [3.0, 2.0, -0.3]], dtype=torch.float64)
-    spacing = (5.0, 2.0, 0.5)
-    z, y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in (4, 5, 6)), indexing="ij")
-    v = torch.stack([coeff[c, 0] * z + coeff[c, 1] * y + coeff[c, 2] * x for c in range(3)])
-    by_hand = (
-        ((1 / 5) ** 2 + (2 / 5) ** 2 + (3 / 5) ** 2) / 3
-        + ((0.5 / 2) ** 2 + (1 / 2) ** 2 + (2 / 2) ** 2) / 3
-        + ((0.1 / 0.5) ** 2 + (0.2 / 0.5) ** 2 + (0.3 / 0.5) ** 2) / 3
-    )
-    assert by_hand == pytest.approx(0.810833333, abs=1e-8)
-    assert_close(gradient_penalty(v, spacing), torch.tensor(by_hand, dtype=torch.float64))
-    # A constant field costs nothing; an axis of length 1 is skipped.
-    assert float(gradient_penalty(torch.full((3, 4, 5, 6), 7.0), spacing)) == 0.0
-    flat = v[:, :1]
-    assert_close(gradient_penalty(flat, spacing), torch.tensor(by_hand - ((1 / 5) ** 2 + (2 / 5) ** 2 + (3 / 5) ** 2) / 3, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("shape,window", [((40, 50), (5, 7)), ((6, 20, 24), (3, 5, 5))])
-def test_lncc_is_one_for_the_same_image_and_any_affine_intensity_change(shape, window):
-    gen = torch.Generator().manual_seed(0)
-    a = 10.0 * torch.rand(shape, generator=gen)  # large local variance: eps is negligible
-    assert float(lncc(a, a, window)) == pytest.approx(1.0, abs=1e-3)
-    assert float(lncc(a, 3.0 * a + 2.0, window)) == pytest.approx(1.0, abs=1e-3)
-    assert float(lncc(a, -2.0 * a + 50.0, window)) == pytest.approx(1.0, abs=1e-3)  # squared form
-    b = 10.0 * torch.rand(shape, generator=gen)
-    assert float(lncc(a, b, window)) < 0.2  # independent noise
-
-
 def test_level_grids_keep_the_slices_and_the_field_of_view_of_a_cardiac_stack():
     # ACDC-like: 7 slices of 208 x 256 at 1.5625 x 1.5625 x 10 mm.
     grid = Grid((7, 208, 256), (1.5625, 1.5625, 10.0), (-120.0, 35.5, 12.0))
@@ -179,6 +111,18 @@ def test_roi_pairs_alone_recover_the_translation_of_a_disk(grid, centre, shift):
     assert _dice(moving.float(), fixed) < 0.8  # the test is not trivial
     _assert_no_folding(u)
     assert report.kept_pairs is None  # no verification stage
+
+
+def test_the_centroid_term_alone_recovers_the_translation_of_a_disk():
+    # No overlap terms, no image: only T(fixed centroid) → moving centroid pulls, in mm.
+    grid = Grid((48, 80), (0.75, 1.25), (5.0, -10.0))
+    centre, shift = (35.0, 20.0), (3.0, 2.5)
+    fixed = _ellipsoid(grid, centre, (10.0, 10.0))
+    moving = _ellipsoid(grid, [c + s for c, s in zip(centre, shift)], (10.0, 10.0))
+    opt = FitOptions(**{**ROI_ONLY, "mse_weight": 0.0, "dice_weight": 0.0, "centroid_weight": 1.0})
+    u, report = fit_field(grid, fixed[None], moving[None], grid, opt)
+    assert_close(_u_at(u, centre), torch.tensor(shift), atol=0.3, rtol=0)
+    assert report.levels[-1]["centroid_mm2"] < 0.1  # squared mm, weighted
 
 
 def test_roi_pairs_alone_recover_the_translation_of_an_ellipsoid_in_3d():
@@ -242,12 +186,12 @@ def test_the_image_term_alone_recovers_the_translation_of_a_smooth_blob(metric):
 
 
 def test_histogram_matching_gives_the_moving_image_the_fixed_quantiles():
-    from fmreg.optimize.fit import _match_histogram
+    from fmreg.core.intensity import match_histogram
 
     g = torch.Generator().manual_seed(0)
     fixed = torch.rand(32, 32, generator=g)
     moving = torch.rand(32, 32, generator=g) ** 3  # a monotone, non-linear intensity change
-    matched = _match_histogram(moving, fixed)
+    matched = match_histogram(moving, fixed)
     # Same ranks as the moving image, same values as the fixed one.
     assert torch.equal(torch.argsort(matched.flatten()), torch.argsort(moving.flatten()))
     assert_close(torch.sort(matched.flatten()).values, torch.sort(fixed.flatten()).values, atol=1e-6, rtol=0)
@@ -371,14 +315,14 @@ def test_fit_options_to_dict_is_json_ready():
 
 
 def test_antialiasing_gives_the_level_sigma_and_leaves_uncoarsened_axes_alone():
-    from fmreg.optimize.fit import _antialias
+    from fmreg.optimize.pyramid import antialias
 
     # 3D, slices 8 mm apart and 1 mm in-plane; the level halves the in-plane resolution only.
     grid = Grid((5, 41, 41), (1.0, 1.0, 8.0))
     level = grid.resized((5, 21, 21))
     impulse = torch.zeros(grid.shape)
     impulse[2, 20, 20] = 1.0
-    out = _antialias(impulse, grid, level, sigma=1.0)
+    out = antialias(impulse, grid, level, sigma=1.0)
     assert_close(out.sum(), torch.tensor(1.0), atol=1e-5, rtol=0)
     assert_close(out[[1, 3]].abs().sum(), torch.tensor(0.0))  # nothing leaks between slices
     d = torch.arange(41, dtype=torch.float32) - 20
@@ -387,11 +331,11 @@ def test_antialiasing_gives_the_level_sigma_and_leaves_uncoarsened_axes_alone():
     var_cols = float((plane.sum(0) * d * d).sum())
     # sigma · sqrt(f² − 1) voxels with f = 2: a variance of 3 voxels².
     assert_close(torch.tensor([var_rows, var_cols]), torch.tensor([3.0, 3.0]), atol=0.05, rtol=0)
-    assert torch.equal(_antialias(impulse, grid, grid, sigma=1.0), impulse)
+    assert torch.equal(antialias(impulse, grid, grid, sigma=1.0), impulse)
 
 
 def test_adam_takes_the_same_steps_as_torch_optim_adam():
-    from fmreg.optimize.fit import Adam
+    from fmreg.optimize.adam import Adam
 
     g = torch.Generator().manual_seed(1)
     target = torch.randn(4, 5, generator=g)
@@ -406,23 +350,14 @@ def test_adam_takes_the_same_steps_as_torch_optim_adam():
 
 
 # ---------------------------------------------------------------------------- fine settings gate
-def test_correlation_is_one_for_an_intensity_gain_minus_one_for_inversion_and_zero_for_a_constant():
-    from fmreg.optimize.fit import _correlation
-
-    a = torch.rand(17, 9, generator=torch.Generator().manual_seed(1))
-    assert _correlation(a, 3 * a + 2) == pytest.approx(1.0, abs=1e-6)
-    assert _correlation(a, 1 - a) == pytest.approx(-1.0, abs=1e-6)
-    assert _correlation(a, torch.full_like(a, 0.5)) == 0.0
-
-
-FAST = dict(levels=2, iterations=(5, 5), refine_iterations=0)
-
-
 def _fine_pair(grid: Grid, inverted: bool):
     centre, shift = (32.0, 32.0), (1.0, 0.5)
     fixed = _blob(grid, centre, 8.0)
     moving = _blob(grid, [c + s for c, s in zip(centre, shift)], 8.0)
     return fixed, (1 - moving if inverted else moving)
+
+
+FAST = dict(levels=2, iterations=(5, 5), refine_iterations=0)
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from fmreg.figures import report
 from fmreg.errors import FmregError
 from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, warp, warp_labels
 from fmreg.core.grid import Grid
 from fmreg.core.image import Image
 from fmreg.phantoms import make_pair
-from fmreg.figures.report import (
+from fmreg.figures import jacobian, layout, roi_pairs
+from fmreg.figures import (
     FOLD_COLOUR,
     NAN_COLOUR,
     NEUTRAL_COLOUR,
@@ -119,18 +119,18 @@ def test_roi_pairs_on_different_slices_in_fixed_and_moving(tmp_path):
     pairs = [RoiPairView(fm, mm, 0.7, 1)]
     _check_picture(save_roi_pairs(tmp_path / "p.png", fixed, moving, pairs), min_width=700)
     # The slice chooser follows the masks, not the middle of the stack.
-    assert [v.index for v in report._views(fixed.grid, [fm.numpy()])] == [1]
-    assert [v.index for v in report._views(moving.grid, [mm.numpy()])] == [5]
+    assert [v.index for v in layout.choose_views(fixed.grid, [fm.numpy()])] == [1]
+    assert [v.index for v in layout.choose_views(moving.grid, [mm.numpy()])] == [5]
     # A second pair on fixed slice 1 whose moving mask is on moving slice 1: two rows with the
     # same fixed slice, each beside the moving slice of its own pair.
     mm2 = torch.zeros(moving.grid.shape, dtype=torch.bool)
     mm2[1, 5:12, 5:12] = True
     fm2 = torch.zeros(fixed.grid.shape, dtype=torch.bool)
     fm2[1, 5:12, 5:12] = True
-    plan = report._roi_plan(fixed.grid, moving.grid, [fm.numpy(), fm2.numpy()], [mm.numpy(), mm2.numpy()])
+    plan = roi_pairs.plan_rows(fixed.grid, moving.grid, [fm.numpy(), fm2.numpy()], [mm.numpy(), mm2.numpy()])
     assert sorted((f.index, m.index, idx) for f, m, idx in plan) == [(1, 1, [1]), (1, 5, [0])]
     # No pairs: one row, both images at the middle slice.
-    (f, m, idx), = report._roi_plan(fixed.grid, moving.grid, [], [])
+    (f, m, idx), = roi_pairs.plan_rows(fixed.grid, moving.grid, [], [])
     assert (f.index, m.index, idx) == (3, 3, [])
 
 
@@ -218,51 +218,51 @@ def test_3d_edge_on_views_keep_slice_zero_at_the_top(tmp_path):
     grid = Grid((6, 30, 30), (1.0, 1.0, 8.0))
     jac = torch.full(grid.shape, 0.25)
     jac[:2] = 4.0  # first slices grow
-    views = report._views(grid)
+    views = layout.choose_views(grid)
     assert [v.axis for v in views] == [0, 1, 2]  # slice axis first, then the edge-on views
     # Draw the edge-on view alone: slice 0 is the top row.
-    panel = report._jacobian_panel(views[1].take(jac.numpy()), report._screen_size(views[1], 0.25), 4.0, "")
+    panel = jacobian.jacobian_panel(views[1].take(jac.numpy()), layout.screen_size(views[1], 0.25), 4.0, "")
     red, blue = _colour_centres(panel)
     assert red[0] < blue[0]
 
 
 def test_views_follow_the_coarsest_spacing_axis():
     acdc = Grid((7, 256, 208), (1.5625, 1.5625, 10.0))
-    views = report._views(acdc)
+    views = layout.choose_views(acdc)
     assert (views[0].axis, views[0].index) == (0, 3)  # the middle short-axis slice
     sideways = Grid((64, 48, 5), (9.0, 1.0, 1.0))  # slices along the last array axis
-    v = report._views(sideways)[0]
+    v = layout.choose_views(sideways)[0]
     assert v.axis == 2 and v.index == 2 and v.shape == (64, 48)
-    assert [v.axis for v in report._views(Grid((1, 32, 32), (1.0, 1.0, 5.0)))] == [0]
-    assert [v.axis for v in report._views(Grid((20, 30)))] == [None]
+    assert [v.axis for v in layout.choose_views(Grid((1, 32, 32), (1.0, 1.0, 5.0)))] == [0]
+    assert [v.axis for v in layout.choose_views(Grid((20, 30)))] == [None]
 
 
 def test_panels_have_the_physical_aspect_ratio():
     grid = Grid((7, 256, 208), (1.5625, 1.5625, 10.0))
-    views = report._views(grid)
-    mmpp = report._mm_per_pixel(views, 6 * report._widest(views))
+    views = layout.choose_views(grid)
+    mmpp = layout.mm_per_pixel(views, 6 * layout.widest(views))
     for v in views:
         rows_mm, cols_mm = v.extent_mm
-        h, w = report._screen_size(v, mmpp)
+        h, w = layout.screen_size(v, mmpp)
         assert h / w == pytest.approx(rows_mm / cols_mm, rel=0.03)
     edge_on = views[1]  # rows are the 7 slices of 10 mm, columns 208 pixels of 1.5625 mm
-    assert report._screen_size(edge_on, mmpp)[0] / report._screen_size(edge_on, mmpp)[1] == pytest.approx(70 / 325, rel=0.03)
+    assert layout.screen_size(edge_on, mmpp)[0] / layout.screen_size(edge_on, mmpp)[1] == pytest.approx(70 / 325, rel=0.03)
 
 
 def test_small_images_are_enlarged_and_huge_ones_reduced():
-    small = report._views(Grid((20, 20)))
-    huge = report._views(Grid((2000, 2000)))
-    assert max(report._screen_size(small[0], report._mm_per_pixel(small, 6 * report._widest(small)))) >= 250
-    assert max(report._screen_size(huge[0], report._mm_per_pixel(huge, 6 * report._widest(huge)))) <= 400
+    small = layout.choose_views(Grid((20, 20)))
+    huge = layout.choose_views(Grid((2000, 2000)))
+    assert max(layout.screen_size(small[0], layout.mm_per_pixel(small, 6 * layout.widest(small)))) >= 250
+    assert max(layout.screen_size(huge[0], layout.mm_per_pixel(huge, 6 * layout.widest(huge)))) <= 400
 
 
 def test_resample_maps_voxel_centres_consistently():
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
-    near = report._resample(arr, (6, 8), order=0)
+    near = layout.resample(arr, (6, 8), order=0)
     assert np.array_equal(near[::2, ::2], arr) and np.array_equal(near[1::2, 1::2], arr)
     # Screen position of voxel centre i, and the linear resample, agree on where voxels are.
-    assert report._to_screen(np.array([0.0, 2.0]), 3, 6).tolist() == [0.5, 4.5]
-    lin = report._resample(arr, (3, 4), order=1)
+    assert layout.to_screen(np.array([0.0, 2.0]), 3, 6).tolist() == [0.5, 4.5]
+    lin = layout.resample(arr, (3, 4), order=1)
     assert np.allclose(lin, arr)
 
 
@@ -289,7 +289,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_colour_bar_limit_adapts_but_stays_bounded():
-    assert report._jacobian_limit(np.ones(10)) == pytest.approx(1.25)
-    assert report._jacobian_limit(np.array([0.5, 1.0, 2.0])) == pytest.approx(2.0, rel=0.01)
-    assert report._jacobian_limit(np.array([1e-3, 1e3])) == pytest.approx(4.0)
-    assert report._jacobian_limit(np.array([-1.0, math.nan])) == pytest.approx(2.0)
+    assert jacobian.jacobian_limit(np.ones(10)) == pytest.approx(1.25)
+    assert jacobian.jacobian_limit(np.array([0.5, 1.0, 2.0])) == pytest.approx(2.0, rel=0.01)
+    assert jacobian.jacobian_limit(np.array([1e-3, 1e3])) == pytest.approx(4.0)
+    assert jacobian.jacobian_limit(np.array([-1.0, math.nan])) == pytest.approx(2.0)

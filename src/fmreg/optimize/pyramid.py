@@ -1,0 +1,117 @@
+"""The multi-resolution pyramid of a fit: level grids and the data resampled onto each level.
+
+Everything runs on the fixed grid: moving masks and the moving image are resampled onto each
+level's grid through world coordinates (identity transform) before the transform warps them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import torch
+from torch import Tensor
+
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.intensity import resize
+from fmreg.core.sampling import sample
+
+
+def level_grids(grid: Grid, levels: int) -> list[Grid]:
+    """Coarse-to-fine grids spanning ``grid``'s extent. Only axes within 2× of the finest
+    spacing are halved (a 7-slice cardiac stack keeps its 7 slices); axes under 16 voxels stay."""
+    finest = min(grid.spacing)
+    out = [grid]
+    for _ in range(levels - 1):
+        g = out[-1]
+        shape = []
+        for n, sp0 in zip(g.shape, grid.spacing_array):
+            shrink = sp0 <= 2 * finest and n >= 16
+            shape.append(max(2, (n - 1) // 2 + 1) if shrink else n)
+        out.append(g.resized(shape))
+    return out[::-1]
+
+
+def control_shape(grid: Grid, spacing: float) -> list[int]:
+    """Shape of a control grid over ``grid``'s extent with about ``spacing`` mm between points.
+
+    An axis shorter than two control spacings keeps every voxel of ``grid``.
+    """
+    return [
+        n if sp * (n - 1) < 2 * spacing else max(2, int(math.ceil(sp * (n - 1) / spacing)) + 1)
+        for n, sp in zip(grid.shape, grid.spacing_array)
+    ]
+
+
+def antialias(image: Tensor, grid: Grid, level: Grid, sigma: float) -> Tensor:
+    """Gaussian-smooth ``(*grid.shape)`` intensities before they are sampled on a coarser ``level``.
+
+    Along an array axis where a level voxel spans ``f`` image voxels, the Gaussian has
+    ``sigma · sqrt(f² − 1)`` image voxels: added to the image's own resolution (taken as
+    ``sigma`` voxels) it gives ``sigma`` level voxels. Axes the level does not coarsen (the
+    slices of a cardiac stack) are left alone. The moving image is matched axis by axis, as
+    its voxels are resampled onto the level grid.
+    """
+    if sigma <= 0:
+        return image
+    from scipy.ndimage import gaussian_filter
+
+    factors = [lv / sp for lv, sp in zip(level.spacing_array, grid.spacing_array)]
+    sig = [sigma * math.sqrt(f * f - 1) if f > 1.01 else 0.0 for f in factors]
+    if max(sig) == 0:
+        return image
+    return torch.from_numpy(gaussian_filter(image.numpy(), sig, mode="nearest").astype("float32"))
+
+
+@dataclass
+class Level:
+    """The fit's data on one pyramid level (all on ``grid``, array order).
+
+    Attributes:
+        grid: The level's grid (a resampling of the fixed grid over the same extent).
+        fixed_masks, moving_masks: ``(K, *grid.shape)`` float ROI masks, or None without pairs;
+            the moving masks are resampled from the moving grid through world coordinates.
+        support: ``(K, *grid.shape)`` slices of each fixed slice ROI (3D slice pairs), or None.
+        fixed_image, moving_image: ``(*grid.shape)`` intensities, or None without image term.
+    """
+
+    grid: Grid
+    fixed_masks: Tensor | None = None
+    moving_masks: Tensor | None = None
+    support: Tensor | None = None
+    fixed_image: Tensor | None = None
+    moving_image: Tensor | None = None
+
+
+def resample_masks(level: Level, fixed_masks: Tensor, moving_masks: Tensor, moving_grid: Grid,
+                   slice_axis: int | None) -> None:
+    """Put the ROI masks of both images on ``level.grid`` (in place).
+
+    With ``slice_axis`` (3D ROIs segmented slice by slice), each moving mask is extruded along
+    the axis and ``support`` keeps the ROI terms on the fixed mask's own slices: a pair then
+    constrains only the in-plane mapping of its slice.
+    """
+    grid = level.grid
+    pts = grid.coordinates(Frame.PHYSICAL)
+    fm = resize(fixed_masks.float(), grid.shape)
+    mm = sample(moving_masks.float(), moving_grid, pts, fill=0.0)
+    if slice_axis is not None:
+        ax = slice_axis + 1
+        mm = mm.amax(dim=ax, keepdim=True).expand_as(mm).contiguous()
+        in_plane = tuple(d for d in range(1, grid.ndim + 1) if d != ax)
+        level.support = (fm.amax(dim=in_plane, keepdim=True) > 0.01).float().expand_as(fm)
+    level.fixed_masks, level.moving_masks = fm, mm
+
+
+def resample_images(level: Level, fixed_image: Tensor, fixed_grid: Grid, moving_image: Tensor,
+                    moving_grid: Grid, sigma: float) -> None:
+    """Put both (normalised) images on ``level.grid``, anti-aliased by ``sigma`` level voxels (in place)."""
+    grid = level.grid
+    pts = grid.coordinates(Frame.PHYSICAL)
+    level.fixed_image = resize(antialias(fixed_image, fixed_grid, grid, sigma)[None], grid.shape)[0]
+    level.moving_image = sample(antialias(moving_image, moving_grid, grid, sigma), moving_grid, pts, fill=0.0)
+
+
+def lncc_window(grid: Grid, window_mm: float) -> list[int]:
+    """Odd LNCC window edge per array axis: ``window_mm`` in voxels, at least 3."""
+    return [max(3, int(round(window_mm / sp)) | 1) for sp in grid.spacing_array]
+

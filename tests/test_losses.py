@@ -1,0 +1,93 @@
+"""The losses package: hand-computed values and the loss record."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from fmreg.losses import (LNCC, MSE, Diffusion, LossRecord, SoftDice, correlation, diffusion, lncc, mse,
+                          roi_pair_loss, soft_dice)
+
+
+def test_soft_dice_by_hand():
+    a = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    # pair 0: 2·1 / (2 + 1); pair 1: 0 / (1 + 0)
+    assert_close(soft_dice(a, b), torch.tensor([2 / 3, 0.0]))
+    record = SoftDice()(a, b)
+    assert_close(record.total, torch.tensor(1 - 1 / 3))
+    assert_close(record.terms["dice"], torch.tensor(1 / 3))
+
+
+def test_roi_pair_loss_by_hand():
+    fixed = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    warped = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    weights = torch.tensor([0.25, 0.75])
+    # pair 0: MSE 1/4, area 1/2 -> 0.5; Dice 2/3. pair 1: MSE 0, Dice 1.
+    expected = 0.25 * (2.0 * 0.5 + 3.0 * (1 - 2 / 3)) + 0.75 * (0.0 + 0.0)
+    record = roi_pair_loss(warped, fixed, weights, mse_weight=2.0, dice_weight=3.0)
+    assert_close(record.total, torch.tensor(expected))
+    assert_close(record.terms["roi"], torch.tensor(expected))
+    assert_close(record.terms["dice"], torch.tensor(0.25 * 2 / 3 + 0.75))
+
+
+def test_image_terms_and_records():
+    a = torch.tensor([0.0, 1.0, 0.5, 0.5])
+    b = torch.tensor([1.0, 1.0, 0.5, 0.0])
+    assert_close(mse(a, b), torch.tensor(1.25 / 4))
+    rec = MSE(scale=10.0)(a, b)
+    assert_close(rec.total, torch.tensor(12.5 / 4)) and rec.terms.keys() == {"mse"}
+    img = torch.rand(12, 14, generator=torch.Generator().manual_seed(0)) * 10
+    rec = LNCC((3, 3))(img, 2 * img + 1)
+    assert float(rec.terms["lncc"]) == pytest.approx(1.0, abs=1e-3)
+    assert_close(rec.total, 1 - rec.terms["lncc"])
+
+
+def test_diffusion_record_is_weighted_and_records_add_up():
+    v = torch.stack([torch.arange(4.0).reshape(1, 4).expand(3, 4)] * 2)  # d/dx = 1 per voxel
+    rec = Diffusion((1.0, 2.0), weight=3.0)(v)
+    assert_close(rec.total, torch.tensor(3.0 * 0.25))  # (1 / 2 mm)² along x, 0 along y
+    both = rec + LossRecord(torch.tensor(1.0), {"x": torch.tensor(5.0)})
+    assert_close(both.total, torch.tensor(1.75))
+    assert both.floats() == {"reg": 0.75, "x": 5.0}
+
+
+def test_diffusion_of_a_linear_field_on_an_anisotropic_grid():
+    # v_c(z, y, x) = A[c, 0] z + A[c, 1] y + A[c, 2] x in index units, spacing (array order)
+    # 5, 2, 0.5 mm: every forward difference along axis k is A[c, k] / sp_k, so the penalty is
+    # sum_k mean_c (A[c, k] / sp_k)^2.
+    coeff = torch.tensor([[1.0, 0.5, 0.1], [2.0, -1.0, 0.2], [3.0, 2.0, -0.3]], dtype=torch.float64)
+    spacing = (5.0, 2.0, 0.5)
+    z, y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in (4, 5, 6)), indexing="ij")
+    v = torch.stack([coeff[c, 0] * z + coeff[c, 1] * y + coeff[c, 2] * x for c in range(3)])
+    by_hand = (
+        ((1 / 5) ** 2 + (2 / 5) ** 2 + (3 / 5) ** 2) / 3
+        + ((0.5 / 2) ** 2 + (1 / 2) ** 2 + (2 / 2) ** 2) / 3
+        + ((0.1 / 0.5) ** 2 + (0.2 / 0.5) ** 2 + (0.3 / 0.5) ** 2) / 3
+    )
+    assert by_hand == pytest.approx(0.810833333, abs=1e-8)
+    assert_close(diffusion(v, spacing), torch.tensor(by_hand, dtype=torch.float64))
+    # A constant field costs nothing; an axis of length 1 is skipped.
+    assert float(diffusion(torch.full((3, 4, 5, 6), 7.0), spacing)) == 0.0
+    flat = v[:, :1]
+    assert_close(diffusion(flat, spacing), torch.tensor(by_hand - ((1 / 5) ** 2 + (2 / 5) ** 2 + (3 / 5) ** 2) / 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape,window", [((40, 50), (5, 7)), ((6, 20, 24), (3, 5, 5))])
+def test_lncc_is_one_for_the_same_image_and_any_affine_intensity_change(shape, window):
+    gen = torch.Generator().manual_seed(0)
+    a = 10.0 * torch.rand(shape, generator=gen)  # large local variance: eps is negligible
+    assert float(lncc(a, a, window)) == pytest.approx(1.0, abs=1e-3)
+    assert float(lncc(a, 3.0 * a + 2.0, window)) == pytest.approx(1.0, abs=1e-3)
+    assert float(lncc(a, -2.0 * a + 50.0, window)) == pytest.approx(1.0, abs=1e-3)  # squared form
+    b = 10.0 * torch.rand(shape, generator=gen)
+    assert float(lncc(a, b, window)) < 0.2  # independent noise
+
+
+def test_correlation_is_one_for_an_intensity_gain_minus_one_for_inversion_and_zero_for_a_constant():
+
+    a = torch.rand(17, 9, generator=torch.Generator().manual_seed(1))
+    assert correlation(a, 3 * a + 2) == pytest.approx(1.0, abs=1e-6)
+    assert correlation(a, 1 - a) == pytest.approx(-1.0, abs=1e-6)
+    assert correlation(a, torch.full_like(a, 0.5)) == 0.0

@@ -23,7 +23,8 @@ import torch
 
 from fmreg.cli import main
 from fmreg.errors import FmregError
-from fmreg.transforms.displacement import DisplacementField, warp, warp_labels
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.transforms.warp import warp, warp_labels
 from fmreg.core.grid import Grid
 from fmreg.core.image import Image
 from fmreg.io.fields import read_field, write_field

@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from fmreg.errors import FmregError
-from fmreg.transforms.displacement import (
-    DisplacementField,
-    compose,
-    invert,
-    jacobian_determinant,
-    warp,
-    warp_labels,
-)
+from fmreg.transforms.displacement import DisplacementField, compose, invert, jacobian_determinant
+from fmreg.transforms.warp import warp, warp_labels
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image
 

@@ -4,7 +4,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from fmreg.transforms.displacement import DisplacementField, warp
+from fmreg.transforms.displacement import DisplacementField
+
+from fmreg.transforms.warp import warp
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image
 from fmreg.io.fields import read_field, write_field

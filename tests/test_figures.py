@@ -9,7 +9,8 @@ import torch
 from PIL import Image as PILImage
 
 from fmreg.errors import FmregError
-from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, warp, warp_labels
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant
+from fmreg.transforms.warp import warp, warp_labels
 from fmreg.core.grid import Grid
 from fmreg.core.image import Image
 from fmreg.phantoms import make_pair

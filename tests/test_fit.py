@@ -19,7 +19,9 @@ import torch
 from torch.testing import assert_close
 
 from fmreg.errors import FmregError
-from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, sample, warp
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant
+from fmreg.core.sampling import sample
+from fmreg.transforms.warp import warp
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image
 from fmreg.optimize.fit import FitOptions, fit_field

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fmreg.transforms.displacement import warp
+from fmreg.transforms.warp import warp
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image
 from fmreg.optimize.initialization import moments_affine, object_mask

@@ -80,3 +80,23 @@ def test_label_map_with_fractional_values_is_refused(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.full((2, 3, 4), 0.5, np.float32)), str(tmp_path / "f.nii.gz"))
     with pytest.raises(FmregError, match="non-integer"):
         read_image(tmp_path / "f.nii.gz", is_label=True)
+
+
+def test_label_maps_are_read_as_typed_label_maps_and_warp_by_nearest(tmp_path):
+    from fmreg.core.image import LabelMap
+    from fmreg.io.images import read_image, write_image
+    from fmreg.transforms.displacement import DisplacementField
+    from fmreg.transforms.warp import warp
+
+    grid = Grid((4, 5), (1.0, 1.0))
+    labels = torch.tensor([[0, 1, 1, 2, 2]] * 4)
+    path = write_image(Image(labels, grid), tmp_path / "l.nii.gz")
+    lab = read_image(path, is_label=True)
+    assert isinstance(lab, LabelMap) and lab.data.dtype == torch.int64
+    assert not isinstance(read_image(path), LabelMap)
+    # Half a voxel along x: a label map takes a neighbour's value, never 1.5.
+    field = DisplacementField(torch.stack([torch.full((4, 5), 0.4), torch.zeros(4, 5)]), grid)
+    warped = warp(lab, field)
+    assert isinstance(warped, LabelMap) and set(warped.data.unique().tolist()) <= {0, 1, 2}
+    with pytest.raises(FmregError, match="integer"):
+        LabelMap(torch.zeros(4, 5), grid)

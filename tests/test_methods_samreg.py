@@ -28,7 +28,8 @@ from fmreg.segment.filtering import (
     MIN_SCORE,
     MIN_STABILITY,
 )
-from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, warp_labels
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant
+from fmreg.transforms.warp import warp_labels
 
 # tests/ is on sys.path (rootdir-relative import), as for the tiny SAM below.
 from test_correspond_pairs import LOOSE_AREA, FakeEncoder, FakeSegmenter, _pair_2d, _paint

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from fmreg.errors import FmregError, MissingExtraError
-from fmreg.transforms.displacement import DisplacementField, warp
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.transforms.warp import warp
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image
 from fmreg.methods import available_methods, get_method

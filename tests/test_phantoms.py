@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fmreg.transforms.displacement import invert, jacobian_determinant, warp, warp_labels
+from fmreg.transforms.displacement import invert, jacobian_determinant
+
+from fmreg.transforms.warp import warp, warp_labels
 from fmreg.core.grid import Frame
 from fmreg.phantoms import LABEL_NAMES, MAX_DISPLACEMENT_MM, make_pair, phantom_grid
 

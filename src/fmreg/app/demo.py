@@ -18,7 +18,8 @@ from fmreg.io.images import write_image
 from fmreg.io.manifest import Case, LabelSpec
 from fmreg.io.outputs import Staging
 from fmreg.io.paths import absolute
-from fmreg.transforms.displacement import DisplacementField, warp_labels
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.transforms.warp import warp_labels
 
 __all__ = ["demo"]
 

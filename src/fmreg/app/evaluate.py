@@ -9,6 +9,7 @@ from typing import Any
 from fmreg import __version__
 from fmreg.app.common import Log, stderr_log
 from fmreg.core.image import Image
+from fmreg.core.grid import check_same_grid
 from fmreg.errors import FmregError
 from fmreg.evaluate.scoring import default_label_spec, parse_label_spec, score
 from fmreg.io.fields import read_field
@@ -26,20 +27,14 @@ def _read_label_maps(fixed_labels: str | os.PathLike, warped_labels: str | os.Pa
     log(f"reading {Path(fixed_labels).name} and {Path(warped_labels).name}")
     fixed_map = read_image(fixed_labels, is_label=True)
     warped_map = read_image(warped_labels, is_label=True)
-    if not warped_map.grid.same_as(fixed_map.grid):
-        raise FmregError(
-            f"warped labels {warped_map.label()} ({warped_map.grid.describe()}) are not on the grid of the "
-            f"fixed labels ({fixed_map.grid.describe()})"
-        )
+    check_same_grid(warped_map.grid, fixed_map.grid, f"warped labels {warped_map.label()}",
+                    "the grid of the fixed labels")
     return fixed_map, warped_map
 
 
 def _read_field_on(ddf: str | os.PathLike, fixed_map: Image) -> DisplacementField:
     fld = read_field(ddf)
-    if not fld.grid.same_as(fixed_map.grid):
-        raise FmregError(
-            f"the displacement field ({fld.grid.describe()}) is not on the fixed labels' grid ({fixed_map.grid.describe()})"
-        )
+    check_same_grid(fld.grid, fixed_map.grid, "the displacement field", "the fixed labels' grid")
     # On the fixed grid (checked): take its exact geometry.
     return DisplacementField(fld.data, fixed_map.grid, fld.frame)
 

@@ -39,7 +39,8 @@ from fmreg.io.manifest import Case, LabelSpec
 from fmreg.io.outputs import Staging, check_outputs, dump_json
 from fmreg.io.paths import absolute
 from fmreg.methods.base import Method, RegistrationResult
-from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, warp, warp_labels
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant
+from fmreg.transforms.warp import warp, warp_labels
 
 __all__ = ["Outcome", "output_names", "register", "register_into"]
 

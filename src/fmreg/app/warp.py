@@ -6,12 +6,14 @@ import os
 from pathlib import Path
 
 from fmreg.app.common import Log, stderr_log
+from fmreg.core.grid import check_same_grid
 from fmreg.errors import FmregError
 from fmreg.io.fields import read_field
 from fmreg.io.images import read_image, write_image
 from fmreg.io.outputs import Staging, check_outputs
 from fmreg.io.paths import absolute
-from fmreg.transforms.displacement import DisplacementField, warp, warp_labels
+from fmreg.transforms.displacement import DisplacementField
+from fmreg.transforms.warp import warp, warp_labels
 
 __all__ = ["warp_file"]
 
@@ -52,11 +54,8 @@ def warp_file(
     ref = read_image(reference)
     if ref.ndim != mov.ndim:
         raise FmregError(f"moving image is {mov.ndim}D but the reference is {ref.ndim}D")
-    if not fld.grid.same_as(ref.grid):
-        raise FmregError(
-            f"the displacement field ({fld.grid.describe()}) is not on the reference grid "
-            f"({ref.grid.describe()}): pass the fixed image of the registration as -r"
-        )
+    check_same_grid(fld.grid, ref.grid, "the displacement field", "the reference grid",
+                    "pass the fixed image of the registration as -r")
     # The field's grid is the reference's (checked); use the reference's exact geometry.
     fld = DisplacementField(fld.data, ref.grid, fld.frame)
     log("warping …")

@@ -192,7 +192,7 @@ class Grid:
         }
 
 
-def check_same_grid(grid: Grid, reference: Grid, what: str, where: str) -> None:
+def check_same_grid(grid: Grid, reference: Grid, what: str, where: str, hint: str = "") -> None:
     """The one "not on the same grid" check: raise :class:`FmregError` naming both grids.
 
     Args:
@@ -200,9 +200,11 @@ def check_same_grid(grid: Grid, reference: Grid, what: str, where: str) -> None:
         reference: The grid it must equal (:meth:`Grid.same_as`).
         what: What lies on ``grid`` (e.g. ``"the displacement field"``).
         where: What ``reference`` is, as in ``"{what} is not on {where}"`` (e.g. ``"the fixed grid"``).
+        hint: What to do about it, appended after a colon.
     """
     if not grid.same_as(reference):
-        raise FmregError(f"{what} ({grid.describe()}) is not on {where} ({reference.describe()})")
+        tail = f": {hint}" if hint else ""
+        raise FmregError(f"{what} ({grid.describe()}) is not on {where} ({reference.describe()}){tail}")
 
 
 def mask_centroids(masks: Tensor, grid: Grid, frame: Frame | str = Frame.PHYSICAL) -> Tensor:

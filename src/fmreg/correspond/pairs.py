@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fmreg.core.grid import Grid, through_plane_axis
+from fmreg.core.grid import Grid, mask_centroids, through_plane_axis
 from fmreg.core.image import Image
 from fmreg.correspond.matching import SIMILARITY_THRESHOLD, match_rois, similarity_matrix
 from fmreg.correspond.prototypes import roi_prototypes
 from fmreg.errors import FmregError
-from fmreg.evaluate.metrics import physical_centroid
 from fmreg.segment.base import Encoder, RoiProposals, Segmenter
 from fmreg.segment.filtering import (
     MAX_AREA_FRAC,
@@ -73,16 +72,17 @@ class RoiPair:
             # mm² in 2D, mm³ in 3D (a slice ROI is a one-voxel-thick slab).
             "fixed_area_mm": round(float(self.fixed_mask.sum()) * fixed_voxel, 3),
             "moving_area_mm": round(float(self.moving_mask.sum()) * moving_voxel, 3),
-            "fixed_centroid_mm": _rounded(physical_centroid(self.fixed_mask, fixed_grid)),
-            "moving_centroid_mm": _rounded(physical_centroid(self.moving_mask, moving_grid)),
+            "fixed_centroid_mm": _centroid_mm(self.fixed_mask, fixed_grid),
+            "moving_centroid_mm": _centroid_mm(self.moving_mask, moving_grid),
             "fixed_slice": self.fixed_slice,
             "moving_slice": self.moving_slice,
             "source": self.source,
         }
 
 
-def _rounded(point: np.ndarray) -> list[float]:
-    return [round(float(v), 3) for v in point]
+def _centroid_mm(mask: Tensor, grid: Grid) -> list[float]:
+    """World centroid of one mask, mm rounded to µm (components x, y[, z])."""
+    return [round(float(v), 3) for v in mask_centroids(mask[None], grid)[0]]
 
 
 @dataclass
@@ -195,7 +195,7 @@ def _slice_centroids_mm(masks: Tensor, spacing_rc: Sequence[float]) -> Tensor:
     """In-slice centroids of ``(K, H, W)`` masks: ``(K, 2)`` float32 (row, column) in mm.
 
     Measured from each slice's first pixel rather than placed in the world as
-    :func:`~fmreg.evaluate.metrics.physical_centroid` does: the plausibility gate compares
+    :func:`~fmreg.core.grid.mask_centroids` does: the plausibility gate compares
     positions within the two fields of view, whatever the images' origins and directions.
     """
     if masks.shape[0] == 0:

@@ -32,7 +32,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from fmreg.errors import FmregError
-from fmreg.core.grid import Frame, Grid
+from fmreg.core.grid import Frame, Grid, mask_centroids
 
 __all__ = [
     "average_surface_distance",
@@ -358,17 +358,12 @@ def landmark_tre(
 
 
 def physical_centroid(mask: Tensor, grid: Grid) -> np.ndarray | None:
-    """World position (mm, components x, y[, z]) of a mask's centroid; None when it is empty."""
-    idx = torch.nonzero(mask)
-    if idx.shape[0] == 0:
-        return None
-    # Mean index in array order, flipped to the ITK component order (x, y[, z]) that
-    # index_to_world_matrix expects. The map is affine, so the world centroid is the image of
-    # the index centroid (also for non-orthonormal directions).
-    centre = idx.to(torch.float64).mean(dim=0).flip(0).cpu().numpy()
-    m = grid.index_to_world_matrix()
-    n = grid.ndim
-    return m[:n, :n] @ centre + m[:n, n]
+    """World position (mm, components x, y[, z]) of a mask's centroid; None when it is empty.
+
+    (:func:`fmreg.core.grid.mask_centroids` for one mask.)
+    """
+    centre = mask_centroids(mask[None], grid)[0]
+    return None if bool(torch.isnan(centre).any()) else centre.numpy()
 
 
 def centroid_tre(

@@ -31,7 +31,8 @@ from fmreg.errors import FmregError
 from fmreg.evaluate import metrics
 from fmreg.evaluate.metrics import _as_tensor, _check_label_values, _check_on_grid, _warn
 from fmreg.io.manifest import LabelSpec
-from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, sample
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant
+from fmreg.core.sampling import sample
 
 __all__ = [
     "LabelScores",

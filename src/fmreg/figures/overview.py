@@ -10,7 +10,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 from torch import Tensor
 
-from fmreg.core.grid import Frame
+from fmreg.core.grid import Frame, check_same_grid
 from fmreg.core.image import Image
 from fmreg.errors import FmregError
 from fmreg.figures.jacobian import jacobian_limit, jacobian_panel, jacobian_stats
@@ -18,7 +18,8 @@ from fmreg.figures.layout import (
     Panel, View, choose_views, compose, display_window, grey_panel, mm_per_pixel, save_png,
     screen_size, to_numpy, to_screen, widest,
 )
-from fmreg.transforms.displacement import DisplacementField, jacobian_determinant, warp
+from fmreg.transforms.displacement import DisplacementField, jacobian_determinant
+from fmreg.transforms.warp import warp
 
 __all__ = ["save_overview"]
 
@@ -58,8 +59,7 @@ def save_overview(
         FmregError: ``warped``, ``field`` or ``jacobian`` is not on the fixed grid.
     """
     for what, grid in (("warped image", warped.grid), ("displacement field", field.grid)):
-        if not grid.same_as(fixed.grid):
-            raise FmregError(f"{what} ({grid.describe()}) is not on the fixed grid ({fixed.grid.describe()})")
+        check_same_grid(grid, fixed.grid, what, "the fixed grid")
     jac = to_numpy(jacobian_determinant(field) if jacobian is None else jacobian).astype(np.float64)
     if jac.shape != fixed.grid.shape:
         raise FmregError(f"Jacobian has shape {jac.shape}, expected the fixed grid's {fixed.grid.shape}")

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from fmreg.core.grid import Grid
-from fmreg.core.image import Image
+from fmreg.core.image import Image, LabelMap
 from fmreg.errors import FmregError
 from fmreg.io.outputs import atomic_path
 from fmreg.io.paths import suffix_of
@@ -78,9 +78,8 @@ def _from_array(arr: np.ndarray, grid: Grid, is_label: bool, name: str) -> Image
             if not np.all(np.isfinite(arr)) or not np.allclose(arr, np.round(arr)):
                 raise FmregError(f"{name}: label map has non-integer values")
         data = torch.from_numpy(np.round(arr).astype(np.int64) if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.int64))
-    else:
-        data = torch.from_numpy(np.asarray(arr, dtype=np.float32).copy())
-    return Image(data, grid, name)
+        return LabelMap(data, grid, name)
+    return Image(torch.from_numpy(np.asarray(arr, dtype=np.float32).copy()), grid, name)
 
 
 def read_image(path: str | Path, is_label: bool = False) -> Image:
@@ -94,7 +93,7 @@ def read_image(path: str | Path, is_label: bool = False) -> Image:
         is_label: Read as an integer label map: values are kept exactly, never interpolated.
 
     Returns:
-        An :class:`Image`: float32 intensities, or int64 labels.
+        An :class:`Image` of float32 intensities, or a :class:`LabelMap` of int64 labels.
     """
     path = Path(path)
     check_readable(path)

@@ -4,8 +4,8 @@ Importing this package fills the method registry. Peers whose packages are optio
 (elastix, ANTs) import those packages only when they run.
 """
 
-from fmreg.methods.base import Method, RegistrationResult, available_methods, get_method, register_method
+from fmreg.methods.base import Method, RegistrationResult, available_methods, get_method, add_method
 from fmreg.methods import identity, samreg  # noqa: F401  (registry entries)
 from fmreg.methods.peers import ants, demons, elastix  # noqa: F401  (registry entries)
 
-__all__ = ["Method", "RegistrationResult", "available_methods", "get_method", "register_method"]
+__all__ = ["Method", "RegistrationResult", "available_methods", "get_method", "add_method"]

@@ -73,7 +73,7 @@ class Method(Protocol):
 _REGISTRY: dict[str, Callable[..., Method]] = {}
 
 
-def register_method(name: str):
+def add_method(name: str):
     """Class decorator adding a method factory to the registry under ``name``."""
 
     def deco(factory):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fmreg.transforms.displacement import DisplacementField
 from fmreg.core.image import Image
-from fmreg.methods.base import RegistrationResult, register_method
+from fmreg.methods.base import RegistrationResult, add_method
 
 
-@register_method("identity")
+@add_method("identity")
 class IdentityMethod:
     """``u = 0``: the moving image resampled on the fixed grid at the same world points."""
 

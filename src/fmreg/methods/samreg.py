@@ -27,7 +27,7 @@ from fmreg.core.grid import through_plane_axis
 from fmreg.core.image import Image
 from fmreg.correspond.pairs import RoiPair, SamRegOptions, find_roi_pairs, label_roi_pairs
 from fmreg.errors import FmregError
-from fmreg.methods.base import RegistrationResult, check_parameter_types, register_method
+from fmreg.methods.base import RegistrationResult, check_parameter_types, add_method
 from fmreg.optimize.fit import FitOptions, fit_field
 from fmreg.segment.base import Encoder, Segmenter
 from fmreg.segment.filtering import MIN_SCORE, MIN_STABILITY
@@ -212,6 +212,6 @@ class SamRegLabelsMethod:
         return _result(self.name, params, field, pairs, timings, report)
 
 
-register_method("samreg")(lambda **p: SamRegMethod("samreg", **p))
-register_method("samreg-sam")(lambda **p: SamRegMethod("samreg-sam", **{"segmenter": "sam", **p}))
-register_method("samreg-labels")(SamRegLabelsMethod)
+add_method("samreg")(lambda **p: SamRegMethod("samreg", **p))
+add_method("samreg-sam")(lambda **p: SamRegMethod("samreg-sam", **{"segmenter": "sam", **p}))
+add_method("samreg-labels")(SamRegLabelsMethod)

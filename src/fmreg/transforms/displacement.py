@@ -5,7 +5,7 @@ that maps *fixed-image* physical points to *moving-image* physical points,
 ``T(x) = x + u(x)``, with ``u`` sampled on the fixed grid. Warping pulls back: the warped
 image on the fixed grid is ``moving(T(x))``. This is ITK's ``DisplacementFieldTransform``
 as used by ``sitk.Resample(moving, fixed, transform)``, so ``ddf.nii.gz`` written by
-:func:`fmreg.io.images.write_field` loads unchanged in SimpleITK / ITK / 3D Slicer.
+:func:`fmreg.io.fields.write_field` loads unchanged in SimpleITK / ITK / 3D Slicer.
 
 A :class:`DisplacementField` carries its frame (:class:`fmreg.core.grid.Frame`); its components
 are always in ``(x, y[, z])`` order (see :mod:`fmreg.core.grid`).
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fmreg.core.grid import Frame, Grid
-from fmreg.core.sampling import identity_points, sample, sample_vectors  # noqa: F401  (sample: used below)
+from fmreg.core.sampling import sample, sample_vectors
 from fmreg.errors import FmregError
 from fmreg.transforms.base import Transform
 from fmreg.transforms.velocity import resize_vectors
@@ -172,7 +172,3 @@ class DisplacementTransform(Transform):
         """Fixed-point inverse (:func:`invert`) of an unbatched field."""
         grid = self.domain.resized(self.displacement.shape[-self.ndim:])
         return DisplacementTransform.from_field(invert(DisplacementField(self.displacement, grid, Frame.NORMALIZED)))
-
-
-# TEMPORARY re-export while the layout moves (removed before the layout lands).
-from fmreg.transforms.warp import warp, warp_labels  # noqa: E402,F401

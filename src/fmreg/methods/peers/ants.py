@@ -23,7 +23,7 @@ from fmreg.errors import FmregError, require
 from fmreg.transforms.displacement import DisplacementField
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image, check_pair
-from fmreg.methods.base import RegistrationResult, register_method
+from fmreg.methods.base import RegistrationResult, add_method
 
 
 def _ants():
@@ -74,7 +74,7 @@ def field_from_transforms(
     return DisplacementField(torch.from_numpy(np.ascontiguousarray(data)), grid, Frame.PHYSICAL)
 
 
-@register_method("ants")
+@add_method("ants")
 class AntsMethod:
     """ANTs SyN (affine then symmetric normalisation) with antspyx's defaults.
 

@@ -27,7 +27,7 @@ from fmreg.transforms.displacement import DisplacementField
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image, check_pair
 from fmreg.io.images import to_sitk
-from fmreg.methods.base import RegistrationResult, register_method
+from fmreg.methods.base import RegistrationResult, add_method
 
 # An axis is never shrunk to fewer voxels than this.
 _MIN_LEVEL_SIZE = 8
@@ -86,7 +86,7 @@ def _resample_field(field: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return sitk.Resample(field, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
 
 
-@register_method("demons")
+@add_method("demons")
 class DemonsMethod:
     """SimpleITK diffeomorphic demons, multi-resolution, with histogram matching.
 

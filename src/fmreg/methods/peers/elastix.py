@@ -21,7 +21,7 @@ from fmreg.errors import FmregError, require
 from fmreg.transforms.displacement import DisplacementField
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image, check_pair
-from fmreg.methods.base import RegistrationResult, register_method
+from fmreg.methods.base import RegistrationResult, add_method
 
 
 def _itk():
@@ -53,7 +53,7 @@ def grid_of_itk(img) -> Grid:
     )
 
 
-@register_method("elastix")
+@add_method("elastix")
 class ElastixMethod:
     """elastix with its default ``affine`` and ``bspline`` parameter maps, run in sequence.
 

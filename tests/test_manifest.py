@@ -10,8 +10,9 @@ from torch.testing import assert_close
 
 from fmreg.errors import FmregError
 from fmreg.io.manifest import (
-    LabelSpec,
     Case,
+    LabelSpec,
+    binarize_fg,
     read_landmark_pair,
     read_landmarks,
     read_manifest,
@@ -242,3 +243,10 @@ def test_case_load_reads_and_checks_the_files(tmp_path):
         (tmp_path / "m3.csv").write_text("x,y,z\n1,2,3\n")
         Case.from_files(files["fixed"], files["moving"], fixed_landmarks=tmp_path / "f3.csv",
                         moving_landmarks=tmp_path / "m3.csv").load()
+
+
+def test_binarize_fg_threshold_is_above_127():
+    raw = torch.tensor([0, 1, 127, 128, 200, 255], dtype=torch.uint8)
+    out = binarize_fg(raw)
+    assert out.dtype == torch.int64
+    assert out.tolist() == [0, 0, 0, 1, 1, 1]

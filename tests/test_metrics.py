@@ -14,7 +14,6 @@ from fmreg.errors import FmregError
 from fmreg.core.grid import Frame, Grid
 from fmreg.evaluate.metrics import (
     average_surface_distance,
-    binarize_fg,
     centroid_tre,
     dice,
     folding_percent,
@@ -66,13 +65,6 @@ def test_dice_identical_and_shape_mismatch():
         dice(pred, pred[:4], [1])
     with pytest.raises(FmregError, match="integers"):
         dice(pred, pred, [1.5])
-
-
-def test_binarize_fg_threshold_is_above_127():
-    raw = torch.tensor([0, 1, 127, 128, 200, 255], dtype=torch.uint8)
-    out = binarize_fg(raw)
-    assert out.dtype == torch.int64
-    assert out.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 # ------------------------------------------------------------------------------ surfaces

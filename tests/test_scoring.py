@@ -10,7 +10,8 @@ import torch
 from fmreg.core.image import Image
 from fmreg.core.grid import Grid
 from fmreg.errors import FmregError
-from fmreg.evaluate.metrics import average_surface_distance, binarize_fg, hd95
+from fmreg.evaluate.metrics import average_surface_distance, hd95
+from fmreg.io.manifest import binarize_fg
 from fmreg.evaluate.scoring import LabelScores, default_label_spec, evaluate_labels, parse_label_spec, score
 from fmreg.io.manifest import LabelSpec
 from fmreg.transforms.displacement import DisplacementField

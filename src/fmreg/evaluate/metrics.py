@@ -36,7 +36,6 @@ from fmreg.core.grid import Frame, Grid, mask_centroids
 
 __all__ = [
     "average_surface_distance",
-    "binarize_fg",
     "centroid_tre",
     "dice",
     "folding_percent",
@@ -48,9 +47,6 @@ __all__ = [
     "std_log_jacobian",
     "surface_distances",
 ]
-
-#: Threshold of the ``fg`` label convention: the PNG masks are anti-aliased 0..255 renders.
-FG_THRESHOLD = 127
 
 #: Floor applied to Jacobian determinants before the logarithm in :func:`std_log_jacobian`.
 LOG_JACOBIAN_EPS = 1e-9
@@ -85,7 +81,7 @@ def _check_label_values(label_values: Iterable) -> tuple[int, ...]:
     if isinstance(label_values, (str, bytes)):
         raise FmregError(
             f"labels must be a sequence of integer label values, got the string {label_values!r} "
-            "(binarize 'fg' masks with binarize_fg and score label 1)"
+            "(binarize 'fg' masks with fmreg.io.manifest.binarize_fg and score label 1)"
         )
     out = []
     for v in label_values:
@@ -109,22 +105,6 @@ def _warn(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------- overlap
-def binarize_fg(label_map: Tensor) -> Tensor:
-    """Binary foreground of an anti-aliased mask (the manifest's ``fg`` label convention).
-
-    Args:
-        label_map: Raw mask as read from file, any shape, values 0..255 (e.g. a PNG render).
-            Apply this to the *raw* map only: a map already binarized to 0/1 would come out
-            all background.
-
-    Returns:
-        ``int64`` tensor of the same shape and device: 1 where ``label_map > 127``, else 0.
-        Score it with label value 1.
-    """
-    label_map = _as_tensor(label_map, "label map")
-    return (label_map > FG_THRESHOLD).to(torch.int64)
-
-
 def dice(pred: Tensor, target: Tensor, label_values: Sequence[int]) -> dict[int, float]:
     """Per-label Dice overlap ``2|P ∩ T| / (|P| + |T|)``.
 

@@ -130,7 +130,7 @@ def evaluate_labels(
 ) -> LabelScores:
     """Dice, HD95, ASD and centroid TRE of every label value (see :mod:`fmreg.evaluate.metrics`).
 
-    For ``fg`` pairs, pass maps binarized with :func:`~fmreg.evaluate.metrics.binarize_fg` and
+    For ``fg`` pairs, pass maps binarized with :func:`~fmreg.io.manifest.binarize_fg` and
     ``label_values=(1,)``.
 
     Args:

@@ -27,7 +27,6 @@ from torch import Tensor
 
 from fmreg.core.image import Image, check_label_grid, check_pair
 from fmreg.errors import FmregError
-from fmreg.evaluate.metrics import binarize_fg
 from fmreg.io.images import is_2d_raster, read_image
 from fmreg.io.paths import absolute
 
@@ -41,6 +40,25 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("name", "fixed", "moving")
+
+
+#: The manifest's ``fg`` convention: foreground is every value above this (anti-aliased PNG masks).
+FG_THRESHOLD = 127
+
+
+def binarize_fg(label_map: Tensor) -> Tensor:
+    """Binary foreground of an anti-aliased mask (the manifest's ``fg`` label convention).
+
+    Args:
+        label_map: Raw mask as read from file, any shape, values 0..255 (e.g. a PNG render).
+            Apply this to the *raw* map only: a map already binarized to 0/1 would come out
+            all background.
+
+    Returns:
+        ``int64`` tensor of the same shape and device: 1 where ``label_map > 127``, else 0.
+        Score it with label value 1.
+    """
+    return (torch.as_tensor(label_map) > FG_THRESHOLD).to(torch.int64)
 
 
 @dataclass(frozen=True)
@@ -106,7 +124,7 @@ class LabelSpec:
             label_map: Label map, any shape; for ``fg`` the raw 0..255 mask (apply once only).
 
         Returns:
-            The binarized ``int64`` map for ``fg`` (see :func:`fmreg.evaluate.metrics.binarize_fg`),
+            The binarized ``int64`` map for ``fg`` (see :func:`binarize_fg`),
             else ``label_map`` unchanged.
         """
         return binarize_fg(label_map) if self.fg else label_map

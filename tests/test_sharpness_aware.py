@@ -52,7 +52,7 @@ def test_sam_ends_in_the_flattest_minimum_where_the_base_optimizer_does_not(base
     def run(sharpness_aware: bool) -> tuple[float, float, float]:
         w = torch.tensor([2.5, 0.1], dtype=torch.float64, requires_grad=True)
         inner = torch.optim.SGD([w], lr=0.02) if base == "sgd" else torch.optim.Adam([w], lr=0.01)
-        opt = SharpnessAware(inner, rho=0.1) if sharpness_aware else inner
+        opt = SharpnessAware(inner, rho=0.2) if sharpness_aware else inner
 
         def closure():
             opt.zero_grad()
@@ -60,7 +60,7 @@ def test_sam_ends_in_the_flattest_minimum_where_the_base_optimizer_does_not(base
             loss.backward()
             return loss
 
-        for _ in range(2500):
+        for _ in range(2000):
             if sharpness_aware:
                 opt.step(closure)
             else:

@@ -1,0 +1,1 @@
+"""Registration networks (batch-first tensors, transforms from :mod:`fmreg.transforms`)."""

@@ -91,3 +91,65 @@ def test_correlation_is_one_for_an_intensity_gain_minus_one_for_inversion_and_ze
     assert correlation(a, 3 * a + 2) == pytest.approx(1.0, abs=1e-6)
     assert correlation(a, 1 - a) == pytest.approx(-1.0, abs=1e-6)
     assert correlation(a, torch.full_like(a, 0.5)) == 0.0
+
+
+# ---------------------------------------------------------------------------- GradICON
+def _gradicon_parts():
+    from fmreg.core.grid import Grid
+    from fmreg.losses.gradicon import gradicon_loss, inverse_consistency, perturbed_identity
+    from fmreg.transforms.affine import AffineTransform
+    from fmreg.transforms.displacement import DisplacementTransform
+
+    return Grid, gradicon_loss, inverse_consistency, perturbed_identity, AffineTransform, DisplacementTransform
+
+
+def test_inverse_consistency_of_exact_inverses_is_zero_and_of_a_scaling_is_by_hand():
+    Grid, _, inverse_consistency, perturbed_identity, AffineTransform, DisplacementTransform = _gradicon_parts()
+    grid = Grid((12, 10))
+    pts = perturbed_identity(2, grid.shape, torch.Generator().manual_seed(0))
+    shift = torch.tensor([0.1, -0.3]).reshape(1, 2, 1, 1).expand(2, 2, *grid.shape)
+    forward, backward = DisplacementTransform(shift, grid), DisplacementTransform(-shift, grid)
+    assert float(inverse_consistency(forward, backward, pts)) < 1e-8
+    # Φ_AB(x) = a x, Φ_BA = id: E(x) = (1 - a) x, so ∂E/∂x_d = (1 - a) e_d in any units and
+    # the mean over the d components of its square is (1 - a)² / d; summed over d: (1 - a)².
+    a = 0.8
+    scaling = AffineTransform(a * torch.eye(2), torch.zeros(2), grid)
+    identity = AffineTransform.identity(grid)
+    assert_close(inverse_consistency(scaling, identity, pts), torch.tensor((1 - a) ** 2), atol=1e-5, rtol=1e-4)
+
+
+def test_perturbed_identity_has_one_voxel_of_noise():
+    _, _, _, perturbed_identity, _, _ = _gradicon_parts()
+    from fmreg.core.sampling import identity_points
+
+    pts = perturbed_identity(4, (20, 50), torch.Generator().manual_seed(0))
+    noise = pts - identity_points((20, 50))
+    assert float(noise.std()) == pytest.approx(2.0 / 50, rel=0.05)  # one voxel of the last axis
+
+
+def test_gradicon_loss_of_the_identity_network_is_the_dissimilarity_both_ways():
+    Grid, gradicon_loss, _, _, AffineTransform, _ = _gradicon_parts()
+    from fmreg.losses import GaussianLNCC
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(2, 1, 24, 20, generator=g)
+    moving = torch.rand(2, 1, 24, 20, generator=g)
+    network = lambda m, f: AffineTransform.identity(Grid(tuple(f.shape[2:])))  # noqa: E731
+    sim = GaussianLNCC(sigma=2.0)
+    record = gradicon_loss(network, moving, fixed, sim)
+    expected = sim(moving, fixed).total + sim(fixed, moving).total
+    assert_close(record.terms["similarity"], expected)
+    assert float(record.terms["inverse_consistency"]) == 0.0
+    assert_close(record.total, expected)
+
+
+def test_gaussian_lncc_is_one_under_an_increasing_affine_intensity_change():
+    from fmreg.losses import gaussian_lncc
+    from fmreg.losses.image import gaussian_blur
+
+    img = 10 * torch.rand(1, 1, 30, 30, generator=torch.Generator().manual_seed(0))
+    assert float(gaussian_lncc(img, 3 * img + 2, sigma=2.0)) == pytest.approx(1.0, abs=1e-3)
+    assert float(gaussian_lncc(img, -img, sigma=2.0)) == pytest.approx(-1.0, abs=1e-3)
+    assert float(gaussian_lncc(img, -img, sigma=2.0, squared=True)) == pytest.approx(1.0, abs=1e-3)
+    ones = torch.ones(1, 1, 30, 30)
+    assert_close(gaussian_blur(ones, 2.0)[0, 0, 10:20, 10:20], torch.ones(10, 10))  # a normalised kernel

@@ -40,13 +40,19 @@ def sample_normalized(data: Tensor, points: Tensor, mode: str = "linear", paddin
 
     Args:
         data: ``(B, C, *shape)`` tensor, array order.
-        points: ``(B, *out_shape, ndim)`` normalized positions in the frame of ``data``'s grid.
+        points: ``(B, *out_shape, ndim)`` normalized positions in the frame of ``data``'s grid;
+            a batch of one on either side is broadcast to the other's batch.
         mode: ``"linear"`` or ``"nearest"``.
         padding: ``"zeros"`` (0 outside the grid) or ``"border"`` (nearest border value).
 
     Returns:
         ``(B, C, *out_shape)`` samples.
     """
+    if data.shape[0] != points.shape[0]:
+        if points.shape[0] == 1:
+            points = points.expand(data.shape[0], *points.shape[1:])
+        elif data.shape[0] == 1:
+            data = data.expand(points.shape[0], *data.shape[1:])
     torch_mode = "bilinear" if mode == "linear" else "nearest"
     return F.grid_sample(data, points, mode=torch_mode, padding_mode=padding, align_corners=True)
 

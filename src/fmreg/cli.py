@@ -105,7 +105,7 @@ reported as label 1); any other label map scores every non-zero value in the fix
     label_values: str | None = arg("--labels", help="label values to score, e.g. \"1 2 3\", or fg (value > 127)", metavar="VALUES")
     fixed_landmarks: Path | None = arg("--fixed-landmarks", help="landmark CSV (x,y pixels or x,y,z mm)", type=Path, metavar="CSV")
     moving_landmarks: Path | None = arg("--moving-landmarks", help="matching moving landmark CSV", type=Path, metavar="CSV")
-    overwrite: bool = arg("--overwrite", help="replace existing files even in an input's folder", default=False, action="store_true")
+    overwrite: bool = arg("--overwrite", help="replace existing files even in an input's folder, and remove fmreg's own earlier outputs this run does not write", default=False, action="store_true")
     param: list[str] | None = arg("--param", help="method parameter key=value (repeat the option for several)", action="append", metavar="KEY=VALUE")
 
     def run(self) -> int:
@@ -248,7 +248,7 @@ has landmarks, else centroid TRE."""
     method: list[str] | None = arg("-m", "--method", help="method to run (repeatable; default: " + DEFAULT_METHOD + ")", action="append", metavar="M")
     outdir: Path = arg("-o", "--outdir", help="output folder", type=Path, required=True, metavar="OUTDIR")
     pairs: list[str] | None = arg("--pairs", help="only these pair names", nargs="+", metavar="NAME")
-    overwrite: bool = arg("--overwrite", help="replace existing files even in an input's folder", default=False, action="store_true")
+    overwrite: bool = arg("--overwrite", help="replace existing files even in an input's folder, and remove fmreg's own earlier results (tables, per-pair folders) this run does not write", default=False, action="store_true")
 
     def run(self) -> int:
         from fmreg.app.bench import method_means, run_bench
@@ -297,7 +297,25 @@ register them and print where the pictures are, with the Dice before and after."
         return 0
 
 
-COMMANDS: tuple[type[Command], ...] = (Register, Warp, Jacobian, Evaluate, Bench, Demo)
+# ---------------------------------------------------------------------------- methods
+@dataclass(kw_only=True)
+class Methods(Command):
+    """List the registration methods: name, the extra each needs and whether it is installed,
+and what it is. With NAME: that method's parameters (type, default, allowed range, help), the
+keys of --param KEY=VALUE."""
+
+    name: ClassVar[str] = "methods"
+    help: ClassVar[str] = "list the methods, or one method's parameters"
+    method: str | None = arg(help="the method whose parameters to list", nargs="?", metavar="NAME")
+
+    def run(self) -> int:
+        from fmreg.app.methods import describe_method, list_methods
+
+        print("\n".join(list_methods() if self.method is None else describe_method(self.method)))
+        return 0
+
+
+COMMANDS: tuple[type[Command], ...] = (Register, Warp, Jacobian, Evaluate, Bench, Demo, Methods)
 
 
 def build_parser() -> argparse.ArgumentParser:

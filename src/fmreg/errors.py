@@ -11,6 +11,10 @@ class FmregError(Exception):
     """A user-facing error: the message is one line that says what is wrong and what to do."""
 
 
+class FmregWarning(UserWarning):
+    """A result that was produced but should not be trusted (see :mod:`fmreg.evaluate.trust`)."""
+
+
 class MissingExtraError(FmregError, ImportError):
     """An optional backend is not installed; the message names the extra to install."""
 

@@ -5,6 +5,7 @@
   and score a field already on disk.
 * :mod:`~fmreg.app.bench`: every pair of a manifest with each method, tabulated.
 * :mod:`~fmreg.app.demo`: the built-in phantoms.
+* :mod:`~fmreg.app.methods`: ``fmreg methods``, the methods and their declared parameters.
 * :mod:`~fmreg.app.profiling`: peak memory; :mod:`~fmreg.app.common`: default method, progress
   lines, method parameters.
 """

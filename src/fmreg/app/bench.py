@@ -21,22 +21,26 @@ reported at once rather than after an hour of work.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
+import logging
 import math
 import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from fmreg.app.common import DEFAULT_METHOD, Log, make_method, quiet_log, stderr_log
-from fmreg.app.register import Outcome, register_into
+from fmreg.app.register import Outcome, earlier_outputs, register_into, supersede
 from fmreg.errors import FmregError
 from fmreg.io.manifest import Case, read_manifest
-from fmreg.io.outputs import Staging, check_outputs
+from fmreg.io.outputs import Staging, check_outputs, check_writable
 from fmreg.io.paths import absolute
 from fmreg.methods.base import Method
 
@@ -199,22 +203,25 @@ def run_bench(
         methods: Method names (default: ``[DEFAULT_METHOD]``); repeats are dropped.
         outdir: Output folder.
         pairs: Only these pair names (default: all), in manifest order.
-        overwrite: Allow replacing existing files in an input's folder.
-        log: Progress lines (written through tqdm so the bar stays intact).
-        progress: Show a tqdm progress bar of (pair, method) registrations done.
+        overwrite: Allow replacing existing files in an input's folder, and remove fmreg's own
+            earlier results this run does not write (per-pair folders of other pairs or
+            methods, outputs a pair no longer has), so that ``outdir`` is one consistent result.
+        log: Progress lines.
+        progress: Report each (pair, method) registration: a tqdm bar with the log lines
+            written through it when stderr is a terminal, one plain line each otherwise.
 
     Returns:
         The :class:`BenchResult`.
 
     Raises:
-        FmregError: Bad manifest (missing column or file), unknown pair or method name, or any
-            pair failing validation (checked for all pairs before the first registration).
+        FmregError: Bad manifest (missing column or file), unknown pair or method name, any
+            pair failing validation, or an ``outdir`` that cannot be written (all checked
+            before the first registration).
     """
-    from tqdm import tqdm
-
     t_start = time.perf_counter()
     manifest = absolute(manifest)
     outdir = absolute(outdir)
+    check_writable(outdir)
     cases = _select(read_manifest(manifest), pairs, manifest)
     names = list(dict.fromkeys(methods or [DEFAULT_METHOD]))
     insts = {m: make_method(m) for m in names}  # unknown methods fail before any work
@@ -227,35 +234,93 @@ def run_bench(
     _check_cases(cases, insts)
 
     result = BenchResult(columns_for(cases), outdir=outdir)
-    bar = tqdm(total=len(cases) * len(names), desc="fmreg bench", unit="reg", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-
-    def blog(msg: str) -> None:
-        if log is quiet_log:
-            return
-        if progress:
-            tqdm.write(f"[fmreg] {msg}", file=sys.stderr)
-        else:
-            log(msg)
-
-    try:
-        with Staging(outdir) as staging:
-            for case in cases:
-                # Loaded one at a time: the check above let every image go again.
-                loaded = case.load(quiet_log)
-                for m in names:
-                    bar.set_postfix_str(f"{case.name} / {m}")
-                    blog(f"{case.name}: {m}")
-                    outcome = _register_one(insts[m], m, loaded, staging.root / m / case.name, blog)
-                    # A method's own name for its result (e.g. samreg-labels) labels the row.
-                    result.rows.append(_row(case, outcome.doc.get("method") or m, outcome.doc, result.columns))
-                    bar.update(1)
-            staging.path("results.csv").write_text(to_csv(result))
-            staging.path("results.md").write_text(to_markdown(result, manifest))
-            check_outputs([outdir / f for f in staging.files()], inputs, overwrite)
-    finally:
-        bar.close()
+    with _Progress(len(cases) * len(names), log, progress) as prog, Staging(outdir) as staging:
+        for case in cases:
+            # Loaded one at a time: the check above let every image go again.
+            loaded = case.load(quiet_log)
+            for m in names:
+                prog.start(f"{case.name} / {m}")
+                outcome = _register_one(insts[m], m, loaded, staging.root / m / case.name, prog.line)
+                # A method's own name for its result (e.g. samreg-labels) labels the row.
+                result.rows.append(_row(case, outcome.doc.get("method") or m, outcome.doc, result.columns))
+                prog.done()
+        staging.path("results.csv").write_text(to_csv(result))
+        staging.path("results.md").write_text(to_markdown(result, manifest))
+        written = {str(f) for f in staging.files()}
+        check_outputs([outdir / f for f in written], inputs, overwrite)
+        supersede(staging, [f for f in _earlier_results(outdir, inputs) if f not in written], overwrite, prog.line)
     log(f"wrote {outdir / 'results.csv'} and results.md ({len(result.rows)} rows) in {time.perf_counter() - t_start:.1f} s")
     return result
+
+
+class _Progress:
+    """Progress of a bench run on stderr, never two writers on one line.
+
+    On a terminal: a tqdm bar, with every log line, Python warning and ``fmreg`` logging
+    record written above it (``tqdm.write``). Otherwise (a log file, a pipe): no bar, whose
+    redraws would fill the file, but one plain ``[i/n] pair / method`` line per registration.
+    """
+
+    def __init__(self, total: int, log: Log, enabled: bool) -> None:
+        self.total, self.count, self.log = total, 0, log
+        self.enabled = enabled and log is not quiet_log
+        self.bar = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self.bar = tqdm(total=self.total, desc="fmreg bench", unit="reg", file=sys.stderr, dynamic_ncols=True)
+            self._stack.enter_context(logging_redirect_tqdm([logging.getLogger("fmreg")]))
+            self._stack.enter_context(warnings.catch_warnings())
+            warnings.showwarning = self._warning
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        if self.bar is not None:
+            self.bar.close()
+
+    def _warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        self.line(f"warning: {' '.join(str(message).split())}")
+
+    def line(self, message: str) -> None:
+        """One log line (above the bar on a terminal)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(f"[fmreg] {message}", file=sys.stderr)
+        else:
+            self.log(message)
+
+    def start(self, what: str) -> None:
+        """A registration begins."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(what)
+        self.line(f"[{self.count + 1}/{self.total}] {what}")
+
+    def done(self) -> None:
+        """A registration ended."""
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _earlier_results(outdir: Path, inputs: list[Path | None]) -> list[str]:
+    """Files of an earlier bench run in ``outdir``, relative to it: the tables, and the known
+    outputs of every ``<method>/<pair>/`` folder holding an fmreg ``result.json``."""
+    found = [n for n in ("results.csv", "results.md") if (outdir / n).is_file()]
+    for doc in sorted(outdir.glob("*/*/result.json")):
+        try:
+            if "fmreg_version" not in json.loads(doc.read_text()):
+                continue
+        except (OSError, ValueError, TypeError):
+            continue  # not a result fmreg wrote: none of that folder is ours to remove
+        rel = doc.parent.relative_to(outdir)
+        found += [str(rel / n) for n in earlier_outputs(doc.parent, inputs)]
+    return found
 
 
 def _select(cases: list[Case], names: Sequence[str] | None, manifest: Path) -> list[Case]:

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 
 from fmreg.app.common import DEFAULT_METHOD, Log, make_method, stderr_log
-from fmreg.app.register import register_into
+from fmreg.app.register import earlier_outputs, register_into
 from fmreg.core.grid import Frame
 from fmreg.evaluate.scoring import default_label_spec, evaluate_labels, logged_warnings
 from fmreg.io.fields import write_field
 from fmreg.io.images import write_image
 from fmreg.io.manifest import Case, LabelSpec
-from fmreg.io.outputs import Staging
+from fmreg.io.outputs import Staging, check_writable
 from fmreg.io.paths import absolute
 from fmreg.transforms.displacement import DisplacementField
 from fmreg.transforms.warp import warp_labels
@@ -72,6 +72,7 @@ def demo(
     from fmreg import phantoms
 
     outdir = absolute(outdir)
+    check_writable(outdir)  # before generating anything
     summaries = []
     meth = make_method(method, params)
     for ndim in (2, 3):
@@ -83,6 +84,9 @@ def demo(
         before = _dice_before(case, spec, log)
         with Staging(outdir / tag) as staging:
             outcome = register_into(meth, case, staging.root, spec, params, log=log)
+            # The demo's folders are its own: a rerun (e.g. with another method) leaves no
+            # earlier picture that this result.json does not list.
+            staging.remove_at_commit([n for n in earlier_outputs(outdir / tag, []) if n not in outcome.files])
         # Endpoint error against the known deformation, over the labelled anatomy (the
         # background has no texture to register).
         inside = case.fixed_labels.data != 0

@@ -12,7 +12,7 @@ from fmreg.errors import FmregError
 from fmreg.evaluate import metrics
 from fmreg.io.fields import read_field
 from fmreg.io.images import write_image
-from fmreg.io.outputs import Staging, check_outputs
+from fmreg.io.outputs import Staging, check_outputs, check_writable
 from fmreg.io.paths import absolute, suffix_of
 from fmreg.transforms.displacement import jacobian_determinant
 
@@ -47,6 +47,7 @@ def jacobian_file(
         raise FmregError(f"{output}: write the Jacobian map as .nii.gz (values) or .png (picture)")
     outs = [output] if png_only else [output, _jacobian_png_path(output)]
     check_outputs(outs, [absolute(ddf)], overwrite)
+    check_writable(output.parent)  # before any reading
     log(f"reading {Path(ddf).name}")
     fld = read_field(ddf)
     jac = jacobian_determinant(fld)

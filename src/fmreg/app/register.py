@@ -4,7 +4,7 @@ Data flows one way: a :class:`~fmreg.io.manifest.Case` is loaded and checked, th
 returns a :class:`~fmreg.methods.base.RegistrationResult` (a field on the fixed grid plus
 data about the fit), the app warps and scores with it (:mod:`fmreg.evaluate.scoring`), draws
 the pictures (:mod:`fmreg.figures`) and writes everything *atomically*: all files go into a
-hidden staging folder beside the destination (:class:`~fmreg.io.outputs.Staging`) and are
+hidden staging folder inside the destination (:class:`~fmreg.io.outputs.Staging`) and are
 moved into place only after every one of them was written, so a failure leaves no partial
 output behind.
 
@@ -14,6 +14,8 @@ Measures reported for every registration (``result.json``, ``results.csv``):
   are excluded, so methods are compared on their own work).
 * ``peak_mem_mb``: increase of the process's peak resident set size during
   ``method.register``, in MiB (see :mod:`fmreg.app.profiling`).
+* ``warnings``: why the result should not be trusted (:mod:`fmreg.evaluate.trust`), empty
+  when nothing is suspect; each is also printed on stderr.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,18 +34,19 @@ from fmreg import __version__
 from fmreg.app.common import DEFAULT_METHOD, Log, fmt_seconds, make_method, stderr_log
 from fmreg.app.profiling import PeakMemory
 from fmreg.core.image import Image
-from fmreg.errors import FmregError
+from fmreg.errors import FmregError, FmregWarning
 from fmreg.evaluate.scoring import default_label_spec, parse_label_spec, score
+from fmreg.evaluate.trust import trust_warnings
 from fmreg.io.fields import write_field
 from fmreg.io.images import write_image
 from fmreg.io.manifest import Case, LabelSpec
-from fmreg.io.outputs import Staging, check_outputs, dump_json
-from fmreg.io.paths import absolute
+from fmreg.io.outputs import Staging, check_outputs, check_writable, dump_json
+from fmreg.io.paths import absolute, is_same_path
 from fmreg.methods.base import Method, RegistrationResult
 from fmreg.transforms.displacement import DisplacementField, jacobian_determinant
 from fmreg.transforms.warp import warp, warp_labels
 
-__all__ = ["Outcome", "output_names", "register", "register_into"]
+__all__ = ["KNOWN_OUTPUTS", "Outcome", "earlier_outputs", "output_names", "register", "register_into", "supersede"]
 
 #: How ``result.json`` describes the transform in ``ddf.nii.gz``.
 TRANSFORM_NOTE = "fixed->moving: T(x) = x + u(x), u = ddf.nii.gz in physical mm (ITK displacement field)"
@@ -75,6 +79,35 @@ class _Scored:
     warped_labels: Image | None
     jacobian: Tensor  # grid.shape, dimensionless
     metrics: dict[str, Any]
+
+
+#: Every file name ``register`` may write into its folder, in any run (PNG or NIfTI pair, with
+#: or without labels, with or without ROI pairs): what ``--overwrite`` may clean up.
+KNOWN_OUTPUTS = (
+    "warped.png", "warped.nii.gz", "ddf.nii.gz", "warped_labels.png", "warped_labels.nii.gz",
+    "result.json", "overview.png", "roi_pairs.png",
+)
+
+
+def earlier_outputs(folder: Path, inputs: list[Path | None]) -> list[str]:
+    """The :data:`KNOWN_OUTPUTS` present in ``folder`` that are no input of this run."""
+    ins = [p for p in inputs if p is not None]
+    return [n for n in KNOWN_OUTPUTS
+            if (folder / n).is_file() and not any(is_same_path(folder / n, i) for i in ins)]
+
+
+def supersede(staging: Staging, stale: list[str], overwrite: bool, log: Log) -> None:
+    """Make ``staging``'s commit delete the ``stale`` outputs of an earlier run (``--overwrite``),
+    or say that they stay (the default, which never deletes anything)."""
+    if not stale:
+        return
+    names = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+    if overwrite:
+        log(f"--overwrite: removing {len(stale)} earlier output(s) not written this time: {names}")
+        staging.remove_at_commit(stale)
+    else:
+        log(f"note: {staging.dest} keeps earlier outputs not written this time ({names}); "
+            "pass --overwrite to remove them")
 
 
 def output_names(case: Case) -> dict[str, str]:
@@ -169,11 +202,22 @@ def _write_outputs(
     )
     files = list(names.values())
     if result.roi_pairs is not None:
-        views = [roi_pairs.RoiPairView(p.fixed_mask, p.moving_mask, p.similarity, i + 1)
-                 for i, p in enumerate(result.roi_pairs)]
-        roi_pairs.save_roi_pairs(stage / "roi_pairs.png", case.fixed, case.moving, views)
+        roi_pairs.save_roi_pairs(stage / "roi_pairs.png", case.fixed, case.moving, roi_pair_views(result))
         files.append("roi_pairs.png")
     return files
+
+
+def roi_pair_views(result: RegistrationResult) -> list:
+    """What ``roi_pairs.png`` draws: every matched pair, each marked kept or rejected by the fit.
+
+    The fit's ``kept_pairs`` (indices into ``result.roi_pairs``) is None when the fit used every
+    pair (verification off, e.g. ``samreg-labels``), and a list after verification, possibly empty.
+    """
+    from fmreg.figures.roi_pairs import RoiPairView  # drawing is needed only with ROI pairs
+
+    kept = (result.fit_report or {}).get("kept_pairs")
+    return [RoiPairView(p.fixed_mask, p.moving_mask, p.similarity, i + 1, kept is None or i in kept)
+            for i, p in enumerate(result.roi_pairs or [])]
 
 
 def _result_doc(
@@ -211,6 +255,14 @@ def _result_doc(
     return doc
 
 
+def _untrusted(result: RegistrationResult, method_name: str, case: Case, jacobian: Tensor) -> list[str]:
+    """Why the result should not be trusted (:func:`trust_warnings`), each also warned on stderr."""
+    found = trust_warnings(result.field, result.method or method_name, result.fit_report, case.moving.grid, jacobian)
+    for message in found:
+        warnings.warn(message, FmregWarning, stacklevel=2)
+    return found
+
+
 def register_into(
     method: Method,
     case: Case,
@@ -244,6 +296,7 @@ def register_into(
     log("writing outputs …")
     files = _write_outputs(stage, names, case, method_name, result, scored)
     doc = _result_doc(case, method_name, params, result, seconds, mem, scored.metrics, files)
+    doc["warnings"] = _untrusted(result, method_name, case, scored.jacobian)
     (stage / names["result"]).write_text(dump_json(doc))
     return Outcome(result, seconds, mem.mb, doc, sorted(files))
 
@@ -277,14 +330,20 @@ def register(
         label_values: Label values to score (``"1 2 3"``, ``"fg"`` or a :class:`LabelSpec`);
             default per :func:`default_label_spec`.
         fixed_landmarks, moving_landmarks: Landmark CSVs for landmark TRE.
-        overwrite: Allow replacing existing files in an input's folder.
+        overwrite: Allow replacing existing files in an input's folder, and remove fmreg's own
+            earlier outputs that this run does not write (e.g. ``warped_labels.png`` of a run
+            with labels), so that ``outdir`` holds one consistent result.
         log: Progress lines.
 
     Returns:
         The :class:`Outcome` (``doc`` = ``result.json``).
+
+    Raises:
+        FmregError: Bad input, or an ``outdir`` that cannot be written (checked before any work).
     """
     t_start = time.perf_counter()
     outdir = absolute(outdir)
+    check_writable(outdir)  # before any reading or registering
     label_spec = parse_label_spec(label_values)
     if label_spec is not None and (fixed_labels is None or moving_labels is None):
         raise FmregError("--labels needs both --fixed-labels and --moving-labels")
@@ -298,5 +357,7 @@ def register(
         outcome = register_into(meth, case, staging.root, case.label_spec, params, log=log)
         # Artifact names are known only now: check them like the rest before anything moves.
         check_outputs([outdir / n for n in outcome.files], inputs, overwrite)
+        stale = [n for n in earlier_outputs(outdir, inputs) if n not in outcome.files]
+        supersede(staging, stale, overwrite, log)
     log(f"wrote {len(outcome.files)} files to {outdir} in {fmt_seconds(time.perf_counter() - t_start)}")
     return outcome

@@ -10,7 +10,7 @@ from fmreg.core.grid import check_same_grid
 from fmreg.errors import FmregError
 from fmreg.io.fields import read_field
 from fmreg.io.images import read_image, write_image
-from fmreg.io.outputs import Staging, check_outputs
+from fmreg.io.outputs import Staging, check_outputs, check_writable
 from fmreg.io.paths import absolute
 from fmreg.transforms.displacement import DisplacementField
 from fmreg.transforms.warp import warp, warp_labels
@@ -46,6 +46,7 @@ def warp_file(
     """
     output = absolute(output)
     check_outputs([output], [absolute(moving), absolute(ddf), absolute(reference)], overwrite)
+    check_writable(output.parent)  # before any reading
     log(f"reading {Path(moving).name}, {Path(ddf).name} and {Path(reference).name}")
     mov = read_image(moving, is_label=is_label)
     if not is_label:

@@ -15,10 +15,13 @@ from fmreg.errors import FmregError
 from fmreg.figures.layout import (
     BACKGROUND, Panel, View, category_colour, choose_views, compose, display_window, grey_panel,
     label_masks, legend, mm_per_pixel, overlay, resample, save_png, screen_size, slice_in,
-    to_numpy, widest,
+    text_width, to_numpy, widest,
 )
 
-__all__ = ["RoiPairView", "save_roi_pairs"]
+__all__ = ["REJECTED_COLOUR", "RoiPairView", "roi_pairs_title", "save_roi_pairs"]
+
+#: Outline colour of a pair the fit rejected (drawn dashed and unfilled, so kept pairs stand out).
+REJECTED_COLOUR = (150, 150, 150)
 
 
 @dataclass
@@ -31,18 +34,35 @@ class RoiPairView:
         similarity: Matching score shown in the legend (e.g. cosine similarity of
             prototypes, unitless).
         label: Pair number written on both masks.
+        kept: False for a pair the fit rejected (e.g. one the image fit contradicts): drawn as a
+            grey dashed outline and marked "rejected" in the legend.
     """
 
     fixed_mask: Tensor
     moving_mask: Tensor
     similarity: float
     label: int
+    kept: bool = True
+
+    @property
+    def colour(self) -> tuple[int, int, int]:
+        return category_colour(self.label) if self.kept else REJECTED_COLOUR
+
+
+def roi_pairs_title(pairs: Sequence[RoiPairView]) -> str:
+    """The figure's title: how many matched pairs the fit kept (e.g. ``"2 of 5 matched ROI pairs kept"``)."""
+    if not pairs:
+        return "no ROI pairs"
+    kept = sum(1 for p in pairs if p.kept)
+    return f"{kept} of {len(pairs)} matched ROI pair{'s' if len(pairs) != 1 else ''} kept by the fit"
+
 
 def save_roi_pairs(path: str | Path, fixed: Image, moving: Image, pairs: Sequence[RoiPairView]) -> Path:
     """Draw matched ROI pairs on the fixed and moving images and write a PNG.
 
-    Each pair gets one colour: a translucent fill and an outline of its mask on both images,
-    with its number at the mask's centroid. A 3D pair shows up to four rows: the fixed slices
+    Each kept pair gets one colour: a translucent fill and an outline of its mask on both images,
+    with its number at the mask's centroid; a rejected pair only a grey dashed outline. The
+    title says how many of the matched pairs were kept (:func:`roi_pairs_title`). A 3D pair shows up to four rows: the fixed slices
     (across the coarsest-spacing axis) that cut the most pairs, each beside the moving slice
     that cuts the most of those pairs' moving masks.
 
@@ -68,7 +88,7 @@ def save_roi_pairs(path: str | Path, fixed: Image, moving: Image, pairs: Sequenc
         m_rgb = moving_side.draw(mv, mmpp, pairs, idx)
         pair_legend = _legend(pairs, idx, max(f_rgb.shape[0], m_rgb.shape[0]))
         rows.append((_caption(fv, mv), [Panel("fixed", f_rgb), Panel("moving", m_rgb), Panel("pairs", pair_legend)]))
-    title = f"{len(pairs)} ROI pair{'s' if len(pairs) != 1 else ''}" if pairs else "no ROI pairs"
+    title = roi_pairs_title(pairs)
     drawn = {i for _, _, idx in plan for i in idx}
     missing = [str(p.label) for i, p in enumerate(pairs) if i not in drawn]
     footer = [f"not shown (no room, or an empty fixed mask): pairs {', '.join(missing)}"] if missing else []
@@ -122,7 +142,9 @@ class _Side:
         """The cut ``view`` with the masks of ``pairs[i]``, ``i`` in ``idx``, filled, outlined and numbered."""
         size = screen_size(view, mmpp)
         cut = [(resample(view.take(self.masks[i]), size, 0), i) for i in idx]
-        rgb = overlay(grey_panel(view.take(self.data), self.window, size), [(m, category_colour(pairs[i].label)) for m, i in cut])
+        rgb = overlay(grey_panel(view.take(self.data), self.window, size),
+                      [(m, pairs[i].colour) for m, i in cut if pairs[i].kept])
+        rgb = overlay(rgb, [(m, pairs[i].colour) for m, i in cut if not pairs[i].kept], alpha=0.0, dashed=True)
         return label_masks([(m, str(pairs[i].label)) for m, i in cut], rgb)
 
 
@@ -158,6 +180,9 @@ def _caption(fv: View, mv: View) -> str:
 
 def _legend(pairs: Sequence[RoiPairView], idx: list[int], height: int) -> np.ndarray:
     """Colour, number and similarity of the pairs ``idx`` drawn in a row."""
-    entries = [(f"#{pairs[i].label}  similarity {pairs[i].similarity:.3f}", category_colour(pairs[i].label)) for i in idx]
+    entries = [(f"#{pairs[i].label}  similarity {pairs[i].similarity:.3f}{'' if pairs[i].kept else '  rejected'}",
+                pairs[i].colour) for i in idx]
     # With no pairs the legend says so, which also keeps the figure as wide as usual.
-    return legend(entries or [("no ROI pairs", BACKGROUND)], height)
+    entries = entries or [("no ROI pairs", BACKGROUND)]
+    # Swatch and margins take 26 px; "rejected" entries need more than the usual 200.
+    return legend(entries, height, width=max(200, 26 + max(text_width(t, 13) for t, _ in entries)))

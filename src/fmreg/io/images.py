@@ -10,6 +10,8 @@ the destination folder, which is renamed over the destination only when complete
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,18 +39,47 @@ def is_2d_raster(path: str | Path) -> bool:
 
 
 # ---------------------------------------------------------------------------- images
+# ITK's decorations around the reason: the C++ source line SimpleITK puts first, the
+# "sitk::ERROR:" / "ITK ERROR: NrrdImageIO(0x55d2...):" prefixes and teem's "[nrrd] func:" chain.
+_ITK_SOURCE_LINE = re.compile(r"^Exception thrown in SimpleITK \w+: .*:\d+:$")
+_ITK_PREFIX = re.compile(r"^(sitk::ERROR:|ITK ERROR:)\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?")
+_NRRD_PREFIX = re.compile(r"^\[nrrd\]\s*\w+:\s*")
+_HINTS = {
+    "Unable to determine ImageIO reader": "not an image format ITK reads, or a damaged file",
+}
+
+
 def first_line(exc: Exception) -> str:
-    """The first line of an exception's message (ITK's run to dozens), or its type."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The reason an exception gives, in one line, or its type.
+
+    SimpleITK's messages span several lines and start with the C++ source location
+    (``Exception thrown in SimpleITK ImageFileReader_Execute: ...cxx:99:``), which says nothing
+    to a user: that line and ITK's prefixes are dropped and the description kept, with the
+    last detail of a chain (e.g. why NRRD data could not be read) appended.
+    """
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if not _ITK_SOURCE_LINE.match(lines[0]):
+        return lines[0]
+    parts = [_NRRD_PREFIX.sub("", _ITK_PREFIX.sub("", ln)) for ln in lines[1:]]
+    # teem's chain repeats "trouble ..." at every level: only its last detail says why.
+    parts = [p for p in parts if p and not p.startswith("trouble")]
+    if not parts:
+        return "ITK could not read the file (it gave no reason)"
+    text = parts[0] if len(parts) == 1 else f"{parts[0]} {parts[-1]}"
+    hint = next((h for k, h in _HINTS.items() if text.startswith(k)), None)
+    return f"{text} ({hint})" if hint else text
 
 
 def check_readable(path: Path) -> None:
-    """Raise a one-line :class:`FmregError` when ``path`` is missing or a folder."""
+    """Raise a one-line :class:`FmregError` when ``path`` is missing, a folder or unreadable."""
     if not path.exists():
         raise FmregError(f"file not found: {path}")
     if path.is_dir():
         raise FmregError(f"expected a file, got a folder: {path}")
+    if not os.access(path, os.R_OK):
+        raise FmregError(f"cannot read {path}: permission denied")
 
 
 def grid_of(img: sitk.Image) -> Grid:

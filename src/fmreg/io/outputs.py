@@ -5,10 +5,11 @@ Two levels of atomicity:
 * :func:`atomic_path`: one file is written under a temporary name beside its destination and
   renamed over it only when complete (every writer in :mod:`fmreg.io` and
   :mod:`fmreg.figures` uses it).
-* :class:`Staging`: a whole set of outputs goes into a hidden folder beside the destination
+* :class:`Staging`: a whole set of outputs goes into a hidden folder inside the destination
   folder and is moved into place only after every file was written, so a command that fails
   half-way leaves the destination as it was.
 
+:func:`check_writable` refuses, before any work, an output folder that cannot be written;
 :func:`check_outputs` refuses outputs that would overwrite inputs; :func:`dump_json` writes the
 JSON documents (``result.json``, ``fmreg evaluate -o``) with NaN as ``null``.
 """
@@ -30,7 +31,7 @@ from torch import Tensor
 from fmreg.errors import FmregError
 from fmreg.io.paths import absolute, is_same_path, suffix_of
 
-__all__ = ["Staging", "atomic_path", "check_outputs", "dump_json", "to_jsonable"]
+__all__ = ["Staging", "atomic_path", "check_outputs", "check_writable", "dump_json", "to_jsonable"]
 
 
 def _umask() -> int:
@@ -66,30 +67,96 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 # ---------------------------------------------------------------------------- a set of files
 def _nearest_existing(path: Path) -> Path:
     path = absolute(path)
-    while not path.exists():
+    while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
 
+def _why_not_writable(folder: Path) -> str:
+    """The reason ``folder`` refuses writes, in the words a user knows."""
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except (OSError, AttributeError):  # pragma: no cover - statvfs is POSIX only
+        pass
+    return "permission denied"
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output folder") -> None:
+    """Raise unless files can be written into ``folder`` (an existing one, or one to create).
+
+    Called before any work, so that a folder that cannot take the results is reported at once
+    rather than after a registration. An existing ``folder`` must be writable; a missing one
+    needs its nearest existing ancestor to be a writable folder.
+
+    Raises:
+        FmregError: Naming ``folder`` (never a temporary path) and the reason.
+    """
+    folder = absolute(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise FmregError(f"{what} {folder} exists and is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise FmregError(f"cannot write into {what} {folder}: {_why_not_writable(folder)}")
+        return
+    anchor = _nearest_existing(folder)
+    if not anchor.is_dir():
+        raise FmregError(f"cannot create {what} {folder}: {anchor} is a file, not a folder")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise FmregError(f"cannot create {what} {folder}: {anchor} is not writable ({_why_not_writable(anchor)})")
+
+
 class Staging:
-    """A hidden temporary folder beside ``dest`` whose files move into ``dest`` on commit.
+    """A hidden temporary folder inside ``dest`` whose files move into ``dest`` on commit.
 
     Use as a context manager: files are written under :attr:`root` (same relative layout as
     in ``dest``); when the block succeeds they are moved into place, when it raises (or is
-    interrupted) the staging folder is deleted and ``dest`` is left as it was. The folder lives
-    in ``dest``'s parent (or its nearest existing ancestor, so that nothing is created on
-    failure) to keep the final moves on one file system, where renames are atomic.
+    interrupted) the staging folder is deleted and ``dest`` is left as it was (a ``dest`` the
+    staging created is removed again). Staging inside ``dest`` needs write access to ``dest``
+    only (never to its parent) and keeps every final move a rename within one folder tree,
+    so one file system, where renames are atomic.
+
+    Files listed with :meth:`remove_at_commit` (earlier outputs this result supersedes) are
+    deleted from ``dest`` after the new files are in place.
     """
 
-    def __init__(self, dest: str | os.PathLike) -> None:
+    def __init__(self, dest: str | os.PathLike, what: str = "output folder") -> None:
         self.dest = absolute(dest)
-        if self.dest.exists() and not self.dest.is_dir():
-            raise FmregError(f"output folder {self.dest} exists and is not a folder")
-        anchor = _nearest_existing(self.dest.parent)
-        if not os.access(anchor, os.W_OK):
-            raise FmregError(f"cannot write into {anchor}: permission denied")
-        self.root = Path(tempfile.mkdtemp(prefix=".fmreg-staging-", dir=anchor))
+        self.what = what
+        check_writable(self.dest, what)
         self.committed: list[Path] = []
+        self._done = False
+        self._stale: list[Path] = []
+        self._created = self._make_dest()
+        try:
+            self.root = Path(tempfile.mkdtemp(prefix=".fmreg-staging-", dir=self.dest))
+        except OSError as exc:  # e.g. a race with a permission change, or a full disk
+            self._remove_created()
+            raise FmregError(f"cannot write into {what} {self.dest}: {exc.strerror or exc}") from None
+
+    def _make_dest(self) -> list[Path]:
+        """Create ``dest`` and its missing parents; the folders created, outermost first."""
+        missing = []
+        p = self.dest
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        created: list[Path] = []
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except OSError as exc:
+                self._created = created
+                self._remove_created()
+                raise FmregError(f"cannot create {self.what} {self.dest}: {exc.strerror or exc}") from None
+            created.append(d)
+        return created
+
+    def _remove_created(self) -> None:
+        # Only folders this staging made, and only while empty: nothing of anyone else goes.
+        for d in reversed(self._created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
     def path(self, relative: str | os.PathLike) -> Path:
         """Where to write the file that ends up at ``dest / relative``."""
@@ -101,31 +168,50 @@ class Staging:
         """Staged files, relative to :attr:`root`."""
         return sorted(p.relative_to(self.root) for p in self.root.rglob("*") if p.is_file())
 
+    def remove_at_commit(self, relative: Sequence[str | os.PathLike]) -> None:
+        """Delete these files of ``dest`` (fmreg's own earlier outputs) once the commit is done.
+
+        A file staged anew is replaced rather than deleted; folders left empty are removed.
+        """
+        self._stale += [Path(r) for r in relative]
+
     def commit(self) -> list[Path]:
         """Move every staged file into ``dest``; returns their final paths."""
         rel = self.files()
+        for r in rel:
+            # Checked for all first, so that a conflict moves nothing.
+            if (self.dest / r).is_dir():
+                raise FmregError(f"cannot write {self.dest / r}: a folder of that name exists")
         umask = _umask()
         for r in rel:
             os.chmod(self.root / r, 0o666 & ~umask)
-        if not self.dest.exists():
-            # A fresh destination appears in one rename.
-            for d in [self.root, *(p for p in self.root.rglob("*") if p.is_dir())]:
-                os.chmod(d, 0o777 & ~umask)
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(self.root, self.dest)
-        else:
-            for r in rel:
-                target = self.dest / r
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if target.is_dir():
-                    raise FmregError(f"cannot write {target}: a folder of that name exists")
-                os.replace(self.root / r, target)
+            target = self.dest / r
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.root / r, target)
         self.committed = [self.dest / r for r in rel]
+        self._done = True
+        self._remove_stale(set(rel))
         return self.committed
 
+    def _remove_stale(self, written: set[Path]) -> None:
+        for r in self._stale:
+            target = self.dest / r
+            if r in written or not target.is_file():
+                continue
+            target.unlink()
+            parent = target.parent
+            while parent != self.dest and self.dest in parent.parents:
+                if any(parent.iterdir()):
+                    break
+                parent.rmdir()
+                parent = parent.parent
+
     def discard(self) -> None:
-        """Delete the staging folder and whatever is still in it."""
+        """Delete the staging folder and whatever is still in it (and a ``dest`` it created
+        that stayed empty)."""
         shutil.rmtree(self.root, ignore_errors=True)
+        if not self._done:
+            self._remove_created()
 
     def __enter__(self) -> "Staging":
         return self
@@ -134,8 +220,28 @@ class Staging:
         try:
             if exc_type is None:
                 self.commit()
+        except OSError as err:
+            raise self._user_error(err, committing=True) or err from None
         finally:
             self.discard()
+        if isinstance(exc, OSError):
+            user = self._user_error(exc, committing=False)
+            if user is not None:
+                raise user from None
+
+    def _user_error(self, err: OSError, committing: bool) -> FmregError | None:
+        """An OS error (disk full, permission) on a staged file, in one line naming where the
+        file was going, never the hidden staging path it had; ``None`` for any other path."""
+        name = getattr(err, "filename", None)
+        if not name:
+            if not committing:
+                return None
+            return FmregError(f"cannot write into {self.what} {self.dest}: {err.strerror or err}")
+        try:
+            where = self.dest / Path(os.fsdecode(name)).relative_to(self.root)
+        except ValueError:
+            return None
+        return FmregError(f"cannot write {where}: {err.strerror or err}")
 
 
 def check_outputs(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol, runtime_checkable
 
 from fmreg.errors import FmregError
+from fmreg.methods.params import check_params
 from fmreg.transforms.displacement import DisplacementField
 from fmreg.core.image import Image
 
@@ -73,10 +73,30 @@ class Method(Protocol):
 _REGISTRY: dict[str, Callable[..., Method]] = {}
 
 
+class Extra(NamedTuple):
+    """An optional dependency group of fmreg (``pip install 'fmreg[NAME]'``) a method needs.
+
+    Attributes:
+        name: The extra, as ``pyproject.toml`` names it (``"peers"``, ``"sam"``).
+        module: The module the method imports from it; ``fmreg methods`` looks it up
+            (``importlib.util.find_spec``) to say whether the extra is installed.
+    """
+
+    name: str
+    module: str
+
+
 def add_method(name: str):
-    """Class decorator adding a method factory to the registry under ``name``."""
+    """Class decorator adding a method factory to the registry under ``name``.
+
+    The factory declares its parameters as ``PARAMS`` (a tuple of
+    :class:`fmreg.methods.params.Param`), may name the extra it needs as ``EXTRA`` (an
+    :class:`Extra`), and says what it is in the first line of its docstring.
+    """
 
     def deco(factory):
+        if not isinstance(getattr(factory, "PARAMS", None), tuple):
+            raise TypeError(f"method {name}: {factory!r} declares no PARAMS")
         _REGISTRY[name] = factory
         return factory
 
@@ -89,42 +109,20 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-#: Annotation words → the Python types a parameter value may have (``--param`` values are JSON).
-_ACCEPTED = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,), "None": (type(None),),
-             "Sequence[int]": (list, tuple)}
-_TYPE_WORDS = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false",
-               "None": "null", "Sequence[int]": "a list of integers"}
-
-
-def check_parameter_types(annotations: dict[str, str], values: dict[str, Any]) -> None:
-    """Check each value against its parameter's annotation (a string such as ``"float | None"``).
-
-    Values without an annotation, or with one made of words this check does not know, pass:
-    their method validates them itself.
+def method_factory(name: str) -> Callable[..., Method]:
+    """The registered factory (class) of ``name``, with its ``PARAMS``, ``EXTRA`` and docstring.
 
     Raises:
-        FmregError: Naming the parameter, the accepted types and the value, so that
-            ``--param iterations=abc`` is an error line, not a traceback from inside a method.
+        FmregError: For an unknown name, listing the registered ones.
     """
-    for key, value in values.items():
-        words = [w.strip() for w in annotations.get(key, "").split("|")]
-        if not all(w in _ACCEPTED for w in words):
-            continue
-        ok = any(isinstance(value, _ACCEPTED[w]) for w in words)
-        if isinstance(value, bool) and "bool" not in words:
-            ok = False  # JSON true is not the number 1
-        if not ok:
-            expected = " or ".join(_TYPE_WORDS[w] for w in words)
-            raise FmregError(f"parameter {key} must be {expected}, got {value!r}")
-
-
-def get_method(name: str, **params: Any) -> Method:
-    """Instantiate the method called ``name`` with ``params`` (types checked against its signature)."""
     names = available_methods()
     if name not in _REGISTRY:
         raise FmregError(f"unknown method '{name}': choose one of {', '.join(names)}")
-    factory = _REGISTRY[name]
-    signature = inspect.signature(factory)
-    check_parameter_types({p.name: str(p.annotation) for p in signature.parameters.values()
-                           if p.annotation is not inspect.Parameter.empty}, params)
+    return _REGISTRY[name]
+
+
+def get_method(name: str, **params: Any) -> Method:
+    """Instantiate the method called ``name`` with ``params``, checked against its ``PARAMS``."""
+    factory = method_factory(name)
+    check_params(name, factory.PARAMS, params)
     return factory(**params)

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 
 from fmreg.core.grid import through_plane_axis
-from fmreg.core.image import Image
+from fmreg.core.image import Image, check_pair
 from fmreg.correspond.pairs import RoiPair, SamRegOptions, find_roi_pairs, label_roi_pairs
 from fmreg.errors import FmregError
-from fmreg.methods.base import RegistrationResult, check_parameter_types, add_method
+from fmreg.methods.base import Extra, RegistrationResult, add_method
+from fmreg.methods.params import check_params, declare, with_defaults
+from fmreg.methods.samreg_params import FIT_PARAMS, ROI_PARAMS, SAM_BACKEND_PARAMS
 from fmreg.optimize.fit import FitOptions, fit_field
 from fmreg.segment.base import Encoder, Segmenter
 from fmreg.segment.filtering import MIN_SCORE, MIN_STABILITY
@@ -86,7 +88,12 @@ def samreg(
     options: SamRegOptions | None = None,
     fit_options: FitOptions | None = None,
 ) -> SamRegResult:
-    """Training-free registration (Alg. 1 + Eq. 10): ROI pairs, then the dense fit."""
+    """Training-free registration (Alg. 1 + Eq. 10): ROI pairs, then the dense fit.
+
+    Raises:
+        FmregError: The pair fails :func:`~fmreg.core.image.check_pair` (e.g. an image without contrast).
+    """
+    check_pair(fixed, moving)
     timings: dict[str, float] = {}
     pairs = find_roi_pairs(fixed, moving, segmenter, encoder, options, timings)
     t = time.perf_counter()
@@ -99,15 +106,10 @@ _ROI_KEYS = {f.name for f in fields(SamRegOptions)}
 _FIT_KEYS = {f.name for f in fields(FitOptions)}
 
 
-def _checked(cls, values: dict[str, Any]) -> dict[str, Any]:
-    """``values``, each checked against its field's annotation in dataclass ``cls``."""
-    check_parameter_types({f.name: str(f.type) for f in fields(cls)}, values)
-    return values
-
-
 def _split_params(params: dict[str, Any]) -> tuple[SamRegOptions, FitOptions, dict[str, Any]]:
-    roi = _checked(SamRegOptions, {k: v for k, v in params.items() if k in _ROI_KEYS})
-    fit = _checked(FitOptions, {k: v for k, v in params.items() if k in _FIT_KEYS})
+    # Types and ranges were checked against the methods' PARAMS by get_method.
+    roi = {k: v for k, v in params.items() if k in _ROI_KEYS}
+    fit = {k: v for k, v in params.items() if k in _FIT_KEYS}
     rest = {k: v for k, v in params.items() if k not in _ROI_KEYS | _FIT_KEYS}
     return SamRegOptions(**roi), FitOptions(**fit), rest
 
@@ -131,35 +133,37 @@ def _make_backend(kind: str, model: str | None, role: str, cache: dict, sam_opti
                     "the sam backend needs a Segment Anything model folder: pass --param model=PATH "
                     "or set FMREG_SAM_MODEL (e.g. a local copy of facebook/sam-vit-base)"
                 )
-            import inspect
-
-            allowed = set(inspect.signature(SamBackend).parameters) - {"model"}
-            unknown = sorted(set(sam_options or {}) - allowed)
-            if unknown:
-                raise FmregError(f"unknown SAM option(s) {['sam_' + u for u in unknown]}: known are "
-                                 f"{', '.join('sam_' + a for a in sorted(allowed))}")
             cache["sam"] = SamBackend(path, **{**SAM_DEFAULTS, **(sam_options or {})})
         return cache["sam"]
     raise FmregError(f"unknown {role} '{kind}': choose classical or sam")
 
 
 class SamRegMethod:
-    """SAMReg with a chosen segmenter and encoder (see module docstring)."""
+    """SAMReg: ROI pairs from classical segment-everything (no weights), then a diffeomorphic fit.
 
+    Any segmenter pairs with any encoder (see the module docstring); ``sam_<option>`` sets a
+    :class:`SamBackend` option.
+    """
+
+    name = "samreg"
     uses_labels = False
 
-    def __init__(self, name: str = "samreg", segmenter: str = "classical", encoder: str | None = None,
+    def __init__(self, segmenter: str = "classical", encoder: str | None = None,
                  model: str | None = None, **params: Any) -> None:
-        self.name = name
         # sam_<option>=value reaches SamBackend (e.g. sam_points_per_side=16).
         self.sam_options = {k[4:]: params.pop(k) for k in list(params) if k.startswith("sam_")}
         self.roi_options, self.fit_options, rest = _split_params(params)
-        if rest:
-            known = sorted(_ROI_KEYS | _FIT_KEYS | {"segmenter", "encoder", "model"})
-            raise FmregError(f"unknown samreg parameter(s) {sorted(rest)}: known are {', '.join(known)}")
+        check_params(self.name, self.PARAMS, rest)  # built directly, not through get_method
         self.segmenter_kind = segmenter
         self.encoder_kind = encoder or segmenter
         self.model = model
+
+    PARAMS = declare(__init__, {
+        "segmenter": (("classical", "sam"), "what proposes the ROIs"),
+        "encoder": (("classical", "sam"), "what embeds the ROIs as prototypes (null: as segmenter)"),
+        "model": (None, "Segment Anything model folder or hub id (null: $FMREG_SAM_MODEL)"),
+    }) + ROI_PARAMS + FIT_PARAMS + with_defaults(
+        SAM_BACKEND_PARAMS, {f"sam_{k}": v for k, v in SAM_DEFAULTS.items()})
 
     def parameters(self) -> dict[str, Any]:
         return {
@@ -184,8 +188,20 @@ def _result(name, parameters, field, pairs, timings, fit_report) -> Registration
                               stage_seconds=dict(timings))
 
 
+class SamRegSamMethod(SamRegMethod):
+    """SAMReg with Segment Anything for ROIs and prototypes (model=PATH or $FMREG_SAM_MODEL)."""
+
+    name = "samreg-sam"
+    EXTRA = Extra("sam", "transformers")
+    DEFAULTS = {"segmenter": "sam"}
+    PARAMS = with_defaults(SamRegMethod.PARAMS, DEFAULTS)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**{**self.DEFAULTS, **params})
+
+
 class SamRegLabelsMethod:
-    """Case 1 of the paper: ROI pairs from the fixed and moving label maps (an upper bound)."""
+    """SAMReg with ROI pairs from the label maps (the paper's Case 1): an upper bound that sees ground truth."""
 
     name = "samreg-labels"
     uses_labels = True
@@ -194,16 +210,18 @@ class SamRegLabelsMethod:
     #: image term stays on to place everything the labels do not cover. Measured on ACDC 068:
     #: mean Dice 0.893 with these, 0.845 without the image term (which also folds 0.1 %).
     DEFAULTS = {"mse_weight": 1.0, "dice_weight": 1.0, "verify_dice": None, "reg_weight": 0.1, "affine_iterations": 0}
+    #: Only the fit's: the pairs come from the labels, not from the ROI stage.
+    PARAMS = with_defaults(FIT_PARAMS, DEFAULTS)
 
     def __init__(self, **params: Any) -> None:
         self.roi_options, self.fit_options, rest = _split_params({**self.DEFAULTS, **params})
-        if rest:
-            raise FmregError(f"unknown samreg-labels parameter(s) {sorted(rest)}")
+        check_params(self.name, self.PARAMS, rest)  # built directly, not through get_method
 
     def register(self, fixed: Image, moving: Image, fixed_labels: Image | None = None,
                  moving_labels: Image | None = None) -> RegistrationResult:
         if fixed_labels is None or moving_labels is None:
             raise FmregError("samreg-labels needs both label maps (--fixed-labels and --moving-labels)")
+        check_pair(fixed, moving)
         pairs = label_roi_pairs(fixed_labels, moving_labels)
         t = time.perf_counter()
         field, report = fit_pairs(fixed, moving, pairs, self.fit_options)
@@ -212,6 +230,6 @@ class SamRegLabelsMethod:
         return _result(self.name, params, field, pairs, timings, report)
 
 
-add_method("samreg")(lambda **p: SamRegMethod("samreg", **p))
-add_method("samreg-sam")(lambda **p: SamRegMethod("samreg-sam", **{"segmenter": "sam", **p}))
+add_method("samreg")(SamRegMethod)
+add_method("samreg-sam")(SamRegSamMethod)
 add_method("samreg-labels")(SamRegLabelsMethod)

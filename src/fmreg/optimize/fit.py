@@ -148,6 +148,9 @@ class FitReport:
     affine: dict | None = None
     initial_affine_mm: list | None = None
     fine_correlation: float | None = None
+    #: ``{"metric", "start", "end"}``: the image dissimilarity before and after the fit, on the
+    #: finest optimised level (None without the image term).
+    image_term: dict | None = None
 
 
 def plan_stages(opt: FitOptions, grids: Sequence[Grid], n_pairs: int, verify: bool) -> list[Stage]:

@@ -23,7 +23,8 @@ from fmreg.errors import FmregError, require
 from fmreg.transforms.displacement import DisplacementField
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image, check_pair
-from fmreg.methods.base import RegistrationResult, add_method
+from fmreg.methods.base import Extra, RegistrationResult, add_method
+from fmreg.methods.params import declare
 
 
 def _ants():
@@ -88,6 +89,7 @@ class AntsMethod:
 
     name = "ants"
     uses_labels = False
+    EXTRA = Extra("peers", "ants")
 
     def __init__(
         self,
@@ -98,6 +100,12 @@ class AntsMethod:
         self.type_of_transform = str(type_of_transform)
         self.random_seed = None if random_seed is None else int(random_seed)
         self.options = dict(options or {})
+
+    PARAMS = declare(__init__, {
+        "type_of_transform": (None, "antspyx transform type, e.g. SyN, SyNRA, ElasticSyN, Affine"),
+        "random_seed": (">= 0", "seed of ANTs' random metric sampling (null: varies run to run)"),
+        "options": (None, 'extra ants.registration keywords, e.g. {"reg_iterations": [40, 20, 10]}'),
+    })
 
     def parameters(self) -> dict:
         return {

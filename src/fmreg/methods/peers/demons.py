@@ -28,6 +28,7 @@ from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image, check_pair
 from fmreg.io.images import to_sitk
 from fmreg.methods.base import RegistrationResult, add_method
+from fmreg.methods.params import declare
 
 # An axis is never shrunk to fewer voxels than this.
 _MIN_LEVEL_SIZE = 8
@@ -143,6 +144,19 @@ class DemonsMethod:
         self.match_points = int(match_points)
         self.physical_smoothing = bool(physical_smoothing)
         self.threads = threads
+
+    PARAMS = declare(__init__, {
+        "shrink_factors": (">= 1", "pyramid shrink factors, coarse to fine"),
+        "iterations": (">= 0", "demons iterations per level (one value, or one per level)"),
+        "smoothing_sigma": (">= 0", "anti-alias sigma per level, in shrink factor x voxel size"),
+        "field_sigma": (">= 0", "smoothing of the field after each iteration (the regularisation), voxels"),
+        "update_sigma": (">= 0", "smoothing of each update (fluid-like), voxels; 0: off"),
+        "max_step": ("> 0", "largest update per iteration, voxels"),
+        "histogram_levels": (">= 1", "histogram bins of the moving-to-fixed histogram matching"),
+        "match_points": (">= 1", "match points of the histogram matching"),
+        "physical_smoothing": (None, "field_sigma and update_sigma isotropic in mm, not in voxels"),
+        "threads": (">= 1", "worker threads (null: all cores)"),
+    })
 
     def parameters(self) -> dict:
         return {

@@ -21,7 +21,8 @@ from fmreg.errors import FmregError, require
 from fmreg.transforms.displacement import DisplacementField
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image, check_pair
-from fmreg.methods.base import RegistrationResult, add_method
+from fmreg.methods.base import Extra, RegistrationResult, add_method
+from fmreg.methods.params import declare
 
 
 def _itk():
@@ -66,6 +67,7 @@ class ElastixMethod:
 
     name = "elastix"
     uses_labels = False
+    EXTRA = Extra("peers", "itk")
 
     def __init__(
         self,
@@ -78,6 +80,12 @@ class ElastixMethod:
             raise FmregError("elastix: give at least one parameter map (e.g. affine, bspline)")
         self.overrides = {str(k): v for k, v in (overrides or {}).items()}
         self.threads = int(threads or os.cpu_count() or 1)
+
+    PARAMS = declare(__init__, {
+        "maps": (("translation", "rigid", "affine", "bspline"), "elastix default parameter maps, run in order"),
+        "overrides": (None, 'parameter-map entries for every map, e.g. {"MaximumNumberOfIterations": "128"}'),
+        "threads": (">= 1", "worker threads (null: all cores)"),
+    })
 
     def parameters(self) -> dict:
         return {

@@ -1,0 +1,76 @@
+"""The declared parameters of the SAMReg methods (``samreg``, ``samreg-sam``, ``samreg-labels``).
+
+Types and defaults come from the dataclasses that use them (:class:`SamRegOptions` for the ROI
+stage, :class:`FitOptions` for the dense fit) and from :class:`SamBackend`'s signature (the
+``sam_<option>`` parameters); the tables here add each one's range and help line, which
+``fmreg methods samreg`` prints. A field added to one of those without an entry here fails
+at import (see :func:`fmreg.methods.params.declare`).
+"""
+
+from __future__ import annotations
+
+from fmreg.correspond.pairs import SamRegOptions
+from fmreg.methods.params import declare
+from fmreg.optimize.fit import FitOptions
+from fmreg.segment.segment_anything.backend import SamBackend
+
+__all__ = ["FIT_PARAMS", "ROI_PARAMS", "SAM_BACKEND_PARAMS"]
+
+#: The ROI stage: proposals, prototypes, matching (paper 002, Sec. 3 and 4.2).
+ROI_PARAMS = declare(SamRegOptions, {
+    "min_area_frac": ("[0, 1]", "smallest ROI, as a fraction of the slice area"),
+    "max_area_frac": ("[0, 1]", "largest ROI, as a fraction of the slice area"),
+    "max_overlap": ("[0, 1]", "overlap above which the lower-scoring of two ROIs is dropped"),
+    "min_score": ("[0, 1]", "ROI score threshold (null: the segmenter's own, else 0.90)"),
+    "min_stability": ("[0, 1]", "ROI stability threshold (null: the segmenter's own, else 0.90)"),
+    "threshold": ("[0, 1]", "cosine similarity a ROI pair must reach (epsilon)"),
+    "matching": (("greedy", "optimal", "one_to_many"), "how prototypes are paired"),
+    "top_k": (">= 0", "keep the K most similar pairs per slice (null: all)"),
+    "slice_range": (">= 0", "3D: moving slices searched on each side of a fixed slice"),
+    "max_shift_frac": (">= 0", "drop pairs whose centroids are further apart than this fraction of the view"),
+    "max_area_ratio": (">= 1", "drop pairs whose areas differ by more than this factor"),
+    "keep_border_regions": (None, "keep ROIs cut out by the image border or lying outside the imaged object"),
+})
+
+#: The dense fit (stationary velocity, multi-resolution; paper 002, Eq. 10).
+FIT_PARAMS = declare(FitOptions, {
+    "levels": (">= 1", "pyramid levels (in-plane factor 2 each)"),
+    "iterations": (">= 0", "Adam steps per level, coarsest first (one value, or one per level)"),
+    "lr": ("> 0", "Adam step size, mm of velocity"),
+    "control_spacing": ("> 0", "spacing of the velocity control grid, mm"),
+    "reg_weight": (">= 0", "weight of the velocity smoothness term (lambda)"),
+    "mse_weight": (">= 0", "weight of the ROI MSE term"),
+    "dice_weight": (">= 0", "weight of the ROI Dice term"),
+    "image_weight": (">= 0", "weight of the image term (0: ROI pairs only)"),
+    "image_metric": (("mse", "lncc"), "image term: mse (same modality) or lncc (local correlation)"),
+    "centroid_weight": (">= 0", "weight of the ROI centroid term"),
+    "lncc_window_mm": ("> 0", "LNCC window edge, mm"),
+    "squaring_steps": (">= 0", "scaling-and-squaring steps"),
+    "verify_dice": ("[0, 1]", "drop ROI pairs whose Dice under the image-only fit is below this (null: keep all)"),
+    "affine_iterations": (">= 0", "steps of an affine stage before the deformable ones (0: off)"),
+    "affine_lr": ("> 0", "Adam step size of the affine stage"),
+    "affine_metric": (("mse", "lncc"), "image term of the affine stage (null: image_metric)"),
+    "match_histogram": (None, "map the moving intensities onto the fixed histogram first"),
+    "refine_iterations": (">= 0", "steps of the refinement with the verified pairs"),
+    "max_fit_voxels": (">= 1", "levels with more voxels than this are not optimised"),
+    "initialize": (("moments", "identity"), "start from a moments-based affine, or the identity"),
+    "fine_control_spacing": ("> 0", "control spacing of the finest optimised level, mm (null: control_spacing)"),
+    "pyramid_sigma": (">= 0", "anti-aliasing of the coarser levels, level voxels"),
+    "fine_image_weight": (">= 0", "image weight of the finest optimised level (null: image_weight)"),
+    "fine_min_correlation": (">= -1", "image correlation the fine settings need (null: always; above 1: never)"),
+})
+
+#: ``sam_<option>``: the Segment Anything backend, when a segmenter or encoder is ``sam``.
+SAM_BACKEND_PARAMS = declare(SamBackend, {
+    "points_per_side": (">= 1", "prompts per side of SAM's point grid"),
+    "points_per_batch": (">= 1", "prompts decoded together (speed against memory)"),
+    "pred_iou_thresh": ("[0, 1]", "keep masks whose predicted IoU is at least this"),
+    "stability_score_thresh": ("[0, 1]", "keep masks whose stability score is at least this"),
+    "stability_offset": (">= 0", "logit offset of the stability score"),
+    "nms_iou_thresh": ("[0, 1]", "suppress masks overlapping a better one by more than this IoU"),
+    "min_region_area": (">= 0", "fill holes and drop islands smaller than this, pixels (0: off)"),
+    "intensity_window": ("[0, 100]", "intensity percentiles mapped to 0 and 255 before the model"),
+    "device": (None, "torch device of the model (null: CPU)"),
+    "cache_size": (">= 0", "slice embeddings kept in memory"),
+    "progress": (None, "progress bar when there are many prompt batches"),
+}, prefix="sam_")

@@ -10,7 +10,8 @@ from torch.testing import assert_close
 from fmreg.transforms.warp import warp
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image
-from fmreg.optimize.initialization import moments_affine, object_mask
+from fmreg.optimize.initialization import moments_affine
+from fmreg.segment.object import object_mask
 from fmreg.optimize.fit import FitOptions, fit_field
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

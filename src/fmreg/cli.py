@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class Command:
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
     quiet: bool = False
+    #: The arguments as given (for records such as a model card's command line).
+    argv: list[str] = field(default_factory=list)
 
     @classmethod
     def add_to(cls, subparsers) -> None:
@@ -315,7 +318,64 @@ keys of --param KEY=VALUE."""
         return 0
 
 
-COMMANDS: tuple[type[Command], ...] = (Register, Warp, Jacobian, Evaluate, Bench, Demo, Methods)
+# ---------------------------------------------------------------------------- train
+@dataclass(kw_only=True)
+class Train(Command):
+    """Train or fine-tune a GradICON registration network (paper 000) into RUN_DIR.
+
+RUN_DIR gets checkpoint.pt (every --checkpoint-every steps, atomic; --resume continues it bit for
+bit), loss.png and model.json (data, command, optimizer, steps, wall time, machine). Data:
+synthetic SynthMorph-style pairs (--synthetic 2d|3d) and/or the pairs of --manifest CSVs.
+More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataParallel)."""
+
+    name: ClassVar[str] = "train"
+    help: ClassVar[str] = "train or fine-tune a GradICON network"
+    outdir: Path = arg("-o", "--outdir", help="run folder", type=Path, required=True, metavar="RUN_DIR")
+    manifest: list[str] | None = arg("--manifest", help="training pairs (repeatable; labels are not used)", action="append", metavar="CSV")
+    synthetic: str | None = arg("--synthetic", help="synthetic pairs of this dimension", choices=("2d", "3d"))
+    synthetic_share: float | None = arg("--synthetic-share", help="share of synthetic pairs per batch with --manifest (default 0.5)", type=float, metavar="F")
+    init: str | None = arg("--init", help="start from these weights (fmreg checkpoint or uniGradICON's regis_net)", metavar="WEIGHTS")
+    optimizer: str = arg("--optimizer", help="adam, sharpness-aware (SAM) or adaptive-sharpness-aware (ASAM)", default="adam",
+                         choices=("adam", "sharpness-aware", "adaptive-sharpness-aware"))
+    rho: float | None = arg("--rho", help="ascent radius (default 0.05 SAM, 0.5 ASAM)", type=float, metavar="R")
+    steps: int | None = arg("--steps", help="optimisation steps (default 1000; on --resume a new total)", type=int, metavar="N")
+    size: list[int] | None = arg("--size", help="network input size, array order (default 128 128 in 2D, 128 128 128 in 3D)", type=int, nargs="+", metavar="N")
+    width: float = arg("--width", help="multiplier of uniGradICON's U-Net widths (1: the 70.7 M model)", type=float, default=0.25, metavar="W")
+    depth: int = arg("--depth", help="U-Net levels (uniGradICON: 5)", type=int, default=5, metavar="L")
+    batch: int = arg("--batch", help="pairs per step over all processes", type=int, default=8, metavar="B")
+    lr: float = arg("--lr", help="Adam learning rate", type=float, default=1e-3)
+    seed: int = arg("--seed", help="seed of weights, data and sample points", type=int, default=0)
+    checkpoint_every: int = arg("--checkpoint-every", help="steps between checkpoints", type=int, default=100, metavar="K")
+    resume: bool = arg("--resume", help="continue the run in RUN_DIR", default=False, action="store_true")
+    overwrite: bool = arg("--overwrite", help="start over in a RUN_DIR that holds another run", default=False, action="store_true")
+
+    def config(self):
+        from fmreg.errors import FmregError
+        from fmreg.training.config import TrainConfig
+
+        if not self.synthetic and not self.manifest:
+            raise FmregError("give training data: --synthetic 2d|3d and/or --manifest CSV")
+        dim = int(self.synthetic[0]) if self.synthetic else (len(self.size) if self.size else 2)
+        share = 1.0 if not self.manifest else (0.0 if not self.synthetic else (0.5 if self.synthetic_share is None else self.synthetic_share))
+        return TrainConfig(dimension=dim, size=tuple(self.size or (128,) * dim), width=self.width,
+                           unet_levels=self.depth, optimizer=self.optimizer, rho=self.rho, lr=self.lr,
+                           batch_size=self.batch, steps=1000 if self.steps is None else self.steps,
+                           checkpoint_every=self.checkpoint_every,
+                           seed=self.seed, synthetic=share, manifests=list(self.manifest or []), init=self.init)
+
+    def run(self) -> int:
+        from fmreg.app.train import train
+
+        card = train(self.outdir, None if self.resume else self.config(), resume=self.resume,
+                     overwrite=self.overwrite, steps=self.steps, log=self.log, quiet=self.quiet,
+                     command=shlex.join([PROG, *self.argv]))
+        last = card["final_loss"]
+        print(f"{card['steps']} steps in {card['wall_time_s']:.0f} s, last loss {last.get('loss', float('nan')):.4f}: "
+              f"{self.outdir / 'model.json'}")
+        return 0
+
+
+COMMANDS: tuple[type[Command], ...] = (Register, Warp, Jacobian, Evaluate, Bench, Demo, Methods, Train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls: type[Command] = args.pop("command")
     args.pop("subcommand", None)
     command = cls(**args)
+    command.argv = list(sys.argv[1:] if argv is None else argv)
     old_showwarning = warnings.showwarning
     warnings.showwarning = _one_line_warning
     try:

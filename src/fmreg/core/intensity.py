@@ -88,3 +88,34 @@ def match_histogram(moving: Tensor, fixed: Tensor) -> Tensor:
     from skimage.exposure import match_histograms
 
     return torch.from_numpy(match_histograms(moving.numpy(), fixed.numpy()).astype("float32"))
+
+
+#: uniGradICON's CT window, Hounsfield units.
+CT_WINDOW = (-1000.0, 1000.0)
+
+
+def looks_like_ct(data: Tensor) -> bool:
+    """Intensities in Hounsfield units: air at about -1000 (no MR or photograph goes below -500)."""
+    return float(data.min()) < -500.0
+
+
+def foundation_normalize(data: Tensor, modality: str = "auto") -> Tensor:
+    """uniGradICON's intensity preprocessing: CT clamped to [-1000, 1000] HU, anything else from
+    its minimum to its 99th percentile, both scaled to [0, 1].
+
+    Args:
+        data: Intensities of any shape.
+        modality: ``"ct"``, ``"mr"`` (any non-CT image) or ``"auto"`` (:func:`looks_like_ct`).
+
+    Returns:
+        float32 tensor in [0, 1] of ``data``'s shape (zeros for a constant image).
+    """
+    if modality == "auto":
+        modality = "ct" if looks_like_ct(data) else "mr"
+    if modality == "ct":
+        lo, hi = CT_WINDOW
+    else:
+        lo, hi = percentile_window(data, 0.0, 99.0, max_samples=1_000_000)
+    if hi <= lo:
+        return torch.zeros_like(data, dtype=torch.float32)
+    return ((data.to(torch.float32) - lo) / (hi - lo)).clamp(0.0, 1.0)

@@ -54,6 +54,9 @@ def sample_normalized(data: Tensor, points: Tensor, mode: str = "linear", paddin
         elif data.shape[0] == 1:
             data = data.expand(points.shape[0], *data.shape[1:])
     torch_mode = "bilinear" if mode == "linear" else "nearest"
+    # grid_sample reads out of bounds (and crashes the process) at NaN points: send them outside
+    # the grid, where the NaN that produced them still shows in every loss computed from them.
+    points = torch.nan_to_num(points, nan=-2.0, posinf=2.0, neginf=-2.0)
     return F.grid_sample(data, points, mode=torch_mode, padding_mode=padding, align_corners=True)
 
 

@@ -28,7 +28,7 @@ from fmreg.correspond.matching import SIMILARITY_THRESHOLD, match_rois, similari
 from fmreg.correspond.prototypes import roi_prototypes
 from fmreg.errors import FmregError
 from fmreg.segment.base import Encoder, RoiProposals, Segmenter
-from fmreg.optimize.initialization import object_mask
+from fmreg.segment.object import object_mask
 from fmreg.segment.filtering import (
     MAX_AREA_FRAC,
     MAX_BORDER_OUTLINE,

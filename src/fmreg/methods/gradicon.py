@@ -1,0 +1,149 @@
+"""``gradicon``: a uniGradICON-style registration network (paper 000), with instance optimisation.
+
+Geometry: each image is brought to the network's input size over its *own* extent (as
+uniGradICON does), so the network maps the fixed image's ``NORMALIZED`` frame to the moving
+image's; the result goes back through fmreg's geometry to a physical displacement on the
+fixed grid, like every method's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image, check_pair
+from fmreg.errors import FmregError
+from fmreg.losses.gradicon import gradicon_loss
+from fmreg.losses.image import GaussianLNCC
+from fmreg.methods.base import RegistrationResult, add_method
+from fmreg.methods.params import declare
+from fmreg.nn.gradicon import GradICON
+from fmreg.nn.inputs import network_input
+from fmreg.transforms.base import Transform
+from fmreg.transforms.displacement import DisplacementField
+
+#: Where the models shipped with fmreg live (``gradicon_2d.pt`` / ``gradicon_3d.pt`` + ``.json`` cards).
+WEIGHTS_PACKAGE = "fmreg.nn.weights"
+
+
+def shipped_weights(dimension: int) -> Path:
+    """Path of the packaged model for 2D or 3D images."""
+    path = Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(f"gradicon_{dimension}d.pt")))
+    if not path.is_file():
+        raise FmregError(f"fmreg ships no {dimension}D gradicon model: pass --param weights=PATH")
+    return path
+
+
+def load_network(weights: str | Path, dimension: int) -> tuple[GradICON, tuple[int, ...]]:
+    """A fresh network and its input size from a checkpoint of ``fmreg train`` or a uniGradICON file.
+
+    uniGradICON's ``Step_2_final.trch`` (a bare ``regis_net`` state_dict) gets the released
+    architecture and its 175³ input size.
+    """
+    from fmreg.training.checkpoint import load_checkpoint, load_weights, model_weights
+    from fmreg.training.config import TrainConfig
+
+    loaded = load_checkpoint(weights)
+    if "config" in loaded:
+        config = TrainConfig.from_dict(loaded["config"])
+        down, up = config.widths()
+        net = GradICON(config.dimension, down, up, levels=config.levels, last_step=config.last_step)
+        size = tuple(config.size)
+    else:
+        net, size = GradICON(dimension), (175,) * dimension
+    if net.dimension != dimension:
+        raise FmregError(f"{weights} is a {net.dimension}D model; the images are {dimension}D")
+    load_weights(net.regis_net, model_weights(loaded), str(weights))
+    return net.eval(), size
+
+
+def instance_optimise(net: GradICON, moving: Tensor, fixed: Tensor, iterations: int, lr: float) -> GradICON:
+    """Fine-tune a copy of ``net`` on this one pair (Adam over the weights, the GradICON loss)."""
+    net = copy.deepcopy(net)
+    optim = torch.optim.Adam(net.parameters(), lr=lr)
+    similarity = GaussianLNCC(5.0)
+    for _ in range(iterations):
+        optim.zero_grad()
+        gradicon_loss(net, moving, fixed, similarity).total.backward()
+        optim.step()
+    return net.eval()
+
+
+def physical_field(transform: Transform, fixed: Grid, moving: Grid) -> DisplacementField:
+    """The network's map (fixed → moving ``NORMALIZED`` frames) as a physical field on ``fixed``."""
+    with torch.no_grad():
+        pts = transform.normalized_points(fixed.shape)[0].double()
+    world = moving.convert_points(pts, Frame.NORMALIZED, Frame.PHYSICAL)
+    u = world.movedim(-1, 0) - fixed.coordinates(Frame.PHYSICAL, dtype=torch.float64)
+    return DisplacementField(u.float(), fixed, Frame.PHYSICAL)
+
+
+class GradICONMethod:
+    """uniGradICON-style GradICON network (paper 000), trained by fmreg, with instance optimisation."""
+
+    name = "gradicon"
+    uses_labels = False
+
+    def __init__(self, weights: str | None = None, io_iterations: int = 50, io_lr: float = 2e-5,
+                 modality: str = "auto") -> None:
+        if io_iterations < 0 or io_lr <= 0:
+            raise FmregError("io_iterations must be >= 0 and io_lr > 0")
+        if modality not in ("auto", "ct", "mr"):
+            raise FmregError(f"unknown modality '{modality}': choose auto, ct or mr")
+        self.weights, self.io_iterations, self.io_lr, self.modality = weights, io_iterations, io_lr, modality
+
+    PARAMS = declare(__init__, {
+        "weights": (None, "network file: a checkpoint of fmreg train or uniGradICON's Step_2_final.trch "
+                          "(null: the model shipped with fmreg)"),
+        "io_iterations": (">= 0", "instance-optimisation steps on the pair (0: the network alone)"),
+        "io_lr": ("> 0", "instance-optimisation Adam step size over the network weights"),
+        "modality": (("auto", "ct", "mr"), "intensity preprocessing: CT window [-1000, 1000] HU, or min to 99th percentile"),
+    })
+
+    def parameters(self) -> dict[str, Any]:
+        return {"weights": self.weights or "shipped", "io_iterations": self.io_iterations, "io_lr": self.io_lr,
+                "modality": self.modality}
+
+    def register(self, fixed: Image, moving: Image, fixed_labels=None, moving_labels=None) -> RegistrationResult:
+        import time
+
+        check_pair(fixed, moving)
+        weights = Path(self.weights) if self.weights else shipped_weights(fixed.ndim)
+        t0 = time.perf_counter()
+        # A fresh network for every pair: instance optimisation must not carry over.
+        net, size = load_network(weights, fixed.ndim)
+        f, m = network_input(fixed, size, self.modality), network_input(moving, size, self.modality)
+        t1 = time.perf_counter()
+        if self.io_iterations:
+            net = instance_optimise(net, m, f, self.io_iterations, self.io_lr)
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            transform = net(m, f)
+        field = physical_field(transform, fixed.grid, moving.grid)
+        card = _card(weights)
+        return RegistrationResult(field, self.name, self.parameters(),
+                                  stage_seconds={"load": t1 - t0, "instance_optimisation": t2 - t1,
+                                                 "network": time.perf_counter() - t2},
+                                  info={"network_input_size": list(size), **({"model": card} if card else {})})
+
+
+def _card(weights: Path) -> dict | None:
+    """The ``model.json`` beside a weights file (its provenance), if there is one."""
+    for candidate in (weights.with_suffix(".json"), weights.parent / "model.json"):
+        if candidate.is_file():
+            try:
+                doc = json.loads(candidate.read_text())
+            except (OSError, ValueError):
+                return None
+            return {k: doc[k] for k in ("data", "steps", "wall_time_s", "optimizer") if k in doc}
+    return None
+
+
+add_method("gradicon")(GradICONMethod)

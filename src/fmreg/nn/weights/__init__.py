@@ -1,0 +1,1 @@
+"""Models shipped with fmreg (weights + model.json cards)."""

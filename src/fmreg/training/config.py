@@ -1,0 +1,130 @@
+"""What a training run is: its configuration, and the model and optimizer built from it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from fmreg.errors import FmregError
+from fmreg.nn.gradicon import GradICON
+from fmreg.nn.unet import UNIGRADICON_DOWN, UNIGRADICON_UP
+from fmreg.optimize.sharpness_aware import SharpnessAware
+
+OPTIMIZERS = ("adam", "sharpness-aware", "adaptive-sharpness-aware")
+#: Conventional ascent radii: SAM (Foret et al.) 0.05, ASAM (Kwon et al.) 0.5.
+DEFAULT_RHO = {"sharpness-aware": 0.05, "adaptive-sharpness-aware": 0.5}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``fmreg train`` (JSON-serialisable; stored in every checkpoint).
+
+    Attributes:
+        dimension: 2 or 3.
+        size: Network input shape, array order (images are resampled to it).
+        width: Multiplier of uniGradICON's U-Net widths (1.0: the released 70.7 M model).
+        unet_levels: Down/up levels of each U-Net (uniGradICON: 5).
+        levels: Resolutions of the coarse-to-fine cascade (uniGradICON: 3).
+        last_step: uniGradICON's fourth, full-resolution step.
+        optimizer: ``adam``, ``sharpness-aware`` (SAM) or ``adaptive-sharpness-aware`` (ASAM).
+        rho: Ascent radius; None takes :data:`DEFAULT_RHO`.
+        lr: Adam learning rate.
+        batch_size: Pairs per step (over all processes).
+        micro_batch: Pairs per forward pass (BatchNorm statistics are per micro-batch, so one
+            process and ``N`` processes give the same step); None: ``batch_size`` / processes.
+        steps: Optimisation steps of the run.
+        checkpoint_every: Steps between checkpoints.
+        seed: Seeds the weights, the data stream and the GradICON sample points.
+        lmbda: Weight λ of the inverse-consistency term.
+        sigma: LNCC Gaussian window σ, voxels.
+        synthetic: Share of synthetic pairs in each batch (1: synthetic only, 0: manifest only).
+        manifests: Training manifests (pairs of any kind; labels are not used for training).
+        validation: Manifest scored every ``validate_every`` steps (Dice, folding).
+        validate_every: Steps between validations (0: never).
+        init: Weights to start from (a checkpoint of ``fmreg train`` or uniGradICON's
+            ``regis_net`` state_dict), or None.
+    """
+
+    dimension: int = 2
+    size: tuple[int, ...] = (128, 128)
+    width: float = 0.25
+    unet_levels: int = 5
+    levels: int = 3
+    last_step: bool = False
+    optimizer: str = "adam"
+    rho: float | None = None
+    lr: float = 1e-3
+    batch_size: int = 8
+    micro_batch: int | None = None
+    steps: int = 1000
+    checkpoint_every: int = 100
+    seed: int = 0
+    lmbda: float = 1.5
+    sigma: float = 5.0
+    synthetic: float = 1.0
+    manifests: list[str] = field(default_factory=list)
+    validation: str | None = None
+    validate_every: int = 0
+    init: str | None = None
+
+    def __post_init__(self) -> None:
+        self.size = tuple(int(s) for s in self.size)
+        self.check()
+
+    def check(self) -> None:
+        """One-line errors for settings a run cannot use."""
+        if self.dimension not in (2, 3) or len(self.size) != self.dimension:
+            raise FmregError(f"--size needs {self.dimension} values for a {self.dimension}D model, got {list(self.size)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise FmregError(f"unknown optimizer '{self.optimizer}': choose one of {', '.join(OPTIMIZERS)}")
+        checks = [("steps", self.steps, self.steps >= 1, ">= 1"),
+                  ("batch", self.batch_size, self.batch_size >= 1, ">= 1"),
+                  ("lr", self.lr, self.lr > 0, "> 0"), ("width", self.width, self.width > 0, "> 0"),
+                  ("checkpoint-every", self.checkpoint_every, self.checkpoint_every >= 1, ">= 1"),
+                  ("rho", self.rho, self.rho is None or self.rho >= 0, ">= 0"),
+                  ("synthetic", self.synthetic, 0.0 <= self.synthetic <= 1.0, "in [0, 1]")]
+        for name, value, ok, rule in checks:
+            if not ok:
+                raise FmregError(f"--{name} must be {rule}, got {value}")
+        if self.synthetic < 1.0 and not self.manifests:
+            raise FmregError("training on manifest pairs needs --manifest CSV (or --synthetic only)")
+        min_size = 2 ** (self.levels - 1) * 2 ** self.unet_levels
+        if min(self.size) < min_size:
+            raise FmregError(f"--size {list(self.size)} is too small for {self.levels} cascade levels of "
+                             f"{self.unet_levels}-level U-Nets: every axis needs at least {min_size} voxels")
+
+    def widths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """U-Net down and up widths: uniGradICON's, scaled by ``width``, ``unet_levels`` deep."""
+        def scale(chs: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(max(2, int(round(c * self.width))) for c in chs[: self.unet_levels])
+
+        if self.unet_levels > len(UNIGRADICON_DOWN):
+            raise FmregError(f"unet_levels must be at most {len(UNIGRADICON_DOWN)}, got {self.unet_levels}")
+        return scale(UNIGRADICON_DOWN), scale(UNIGRADICON_UP)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def build_model(config: TrainConfig) -> GradICON:
+    """The network of ``config``, seeded (same seed, same initial weights)."""
+    torch.manual_seed(config.seed)
+    down, up = config.widths()
+    return GradICON(config.dimension, down, up, levels=config.levels, last_step=config.last_step)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer | SharpnessAware:
+    """Adam, wrapped in :class:`SharpnessAware` for the sharpness-aware optimizers."""
+    adam = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if config.optimizer == "adam":
+        return adam
+    rho = DEFAULT_RHO[config.optimizer] if config.rho is None else config.rho
+    return SharpnessAware(adam, rho=rho, adaptive=config.optimizer == "adaptive-sharpness-aware")

@@ -1,0 +1,178 @@
+"""The training loop of ``fmreg train``: GradICON loss, Adam or sharpness-aware steps, checkpoints.
+
+Reproducibility: the weights, the data stream and the GradICON sample points each come from
+seeded generators whose states are checkpointed, so ``--resume`` continues bit for bit. A
+step's batch and sample points are drawn once and used by both passes of a sharpness-aware
+step, whose second pass leaves the BatchNorm statistics alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fmreg.errors import FmregError
+from fmreg.losses.gradicon import gradicon_loss, perturbed_identity
+from fmreg.losses.image import GaussianLNCC
+from fmreg.optimize.sharpness_aware import SharpnessAware, frozen_batchnorm_stats
+from fmreg.training.checkpoint import save_checkpoint
+from fmreg.training.config import TrainConfig, build_model, build_optimizer
+from fmreg.training.distributed import World
+
+
+class PairSource(Protocol):
+    """Where training pairs come from (synthetic generator, manifest, or both)."""
+
+    def batch(self, n: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, ...]:
+        """This process's ``n`` pairs of a global batch of ``n * world_size``:
+        ``(moving, fixed, ...)``, ``(n, 1, *size)`` float images in [0, 1] first."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class GradICONObjective(nn.Module):
+    """The whole loss of a micro-batch as one forward pass (what DistributedDataParallel wraps)."""
+
+    def __init__(self, network: nn.Module, lmbda: float, sigma: float) -> None:
+        super().__init__()
+        self.network = network
+        self.lmbda = lmbda
+        self.similarity = GaussianLNCC(sigma)
+
+    def forward(self, moving: Tensor, fixed: Tensor, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        record = gradicon_loss(self.network, moving, fixed, self.similarity, self.lmbda, points)
+        return record.total, record.terms["similarity"], record.terms["inverse_consistency"]
+
+
+@dataclass
+class TrainState:
+    """Progress of a run (checkpointed)."""
+
+    step: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)  # one record of loss terms per step
+    validation: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """One training run.
+
+    Args:
+        config: The run's settings.
+        data: The pair source (seeded).
+        world: Process group (:func:`~fmreg.training.distributed.init_world`).
+    """
+
+    def __init__(self, config: TrainConfig, data: PairSource, world: World | None = None) -> None:
+        self.config, self.data, self.world = config, data, world or World()
+        self.model = build_model(config)
+        self.objective = GradICONObjective(self.model.regis_net, config.lmbda, config.sigma)
+        self.parallel = self.world.wrap(self.objective)
+        self.optimizer = build_optimizer(self.model, config)
+        self.noise = torch.Generator().manual_seed(config.seed + 1)
+        self.state = TrainState()
+        if config.batch_size % self.world.size:
+            raise FmregError(f"--batch {config.batch_size} does not split over {self.world.size} processes")
+        self.local_batch = config.batch_size // self.world.size
+        self.micro = config.micro_batch or self.local_batch
+        if self.local_batch % self.micro:
+            raise FmregError(f"the batch per process ({self.local_batch}) is not a multiple of the micro-batch {self.micro}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> dict:
+        return {"config": self.config.to_dict(), "step": self.state.step, "seconds": self.state.seconds,
+                "history": self.state.history, "validation": self.state.validation,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state()},
+                "data": self.data.state_dict()}
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue from a checkpoint of this configuration."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.noise.set_state(ckpt["rng"]["noise"])
+        self.data.load_state_dict(ckpt["data"])
+        self.state = TrainState(ckpt["step"], ckpt["seconds"], list(ckpt["history"]), list(ckpt["validation"]))
+
+    # ------------------------------------------------------------------ one step
+    def _local_batch(self) -> tuple[Tensor, Tensor, Tensor]:
+        """This process's share of the step's batch and its GradICON sample points."""
+        moving, fixed = self.data.batch(self.local_batch, self.world.rank, self.world.size)[:2]
+        # Every process draws the global batch's points (cheap) so that the stream stays in step.
+        points = perturbed_identity(self.config.batch_size, tuple(self.config.size), self.noise)
+        part = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
+        return moving, fixed, points[part]
+
+    def _gradients(self, moving: Tensor, fixed: Tensor, points: Tensor) -> dict[str, float]:
+        """Zero, then accumulate the mean-loss gradient over the micro-batches."""
+        self.optimizer.zero_grad()
+        terms = {"loss": 0.0, "similarity": 0.0, "inverse_consistency": 0.0}
+        chunks = range(0, self.local_batch, self.micro)
+        for i, start in enumerate(chunks):
+            part = slice(start, start + self.micro)
+            last = i == len(chunks) - 1
+            # Gradients of all but the last micro-batch stay local; the last backward all-reduces.
+            sync = self.parallel.no_sync() if (self.world.size > 1 and not last) else contextlib.nullcontext()
+            with sync:
+                total, sim, icon = self.parallel(moving[part], fixed[part], points[part])
+                (total * (self.micro / self.local_batch)).backward()
+            for name, value in zip(terms, (total, sim, icon)):
+                terms[name] += float(value.detach()) * self.micro / self.local_batch
+        return terms
+
+    def step(self) -> dict[str, float]:
+        """One optimisation step; returns the loss terms at the current weights."""
+        self.model.train()
+        moving, fixed, points = self._local_batch()
+        terms = self._gradients(moving, fixed, points)
+        if isinstance(self.optimizer, SharpnessAware):
+            self.optimizer.ascend()
+            with frozen_batchnorm_stats(self.model):
+                self._gradients(moving, fixed, points)
+            self.optimizer.descend()
+        else:
+            self.optimizer.step()
+        return terms
+
+    # ------------------------------------------------------------------ the run
+    def run(self, run_dir: Path, progress: Callable[[int, dict], None] | None = None,
+            validate: Callable[[nn.Module], dict] | None = None) -> TrainState:
+        """Train until ``config.steps``, checkpointing every ``checkpoint_every`` steps.
+
+        Raises:
+            FmregError: The loss became NaN/Inf; the last good checkpoint is kept.
+        """
+        cfg = self.config
+        while self.state.step < cfg.steps:
+            t0 = time.perf_counter()
+            terms = self.step()
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise FmregError(f"the loss became {terms['loss']} at step {self.state.step + 1}; "
+                                 f"the last good checkpoint (step {self._last_saved()}) is kept in {run_dir}")
+            self.state.step += 1
+            self.state.seconds += time.perf_counter() - t0
+            self.state.history.append({"step": self.state.step, **{k: round(v, 6) for k, v in terms.items()}})
+            if validate is not None and cfg.validate_every and self.state.step % cfg.validate_every == 0:
+                self.state.validation.append({"step": self.state.step, **validate(self.model)})
+            if progress is not None:
+                progress(self.state.step, terms)
+            if self.state.step % cfg.checkpoint_every == 0 or self.state.step == cfg.steps:
+                if self.world.main:
+                    save_checkpoint(run_dir, self.checkpoint())
+                self.world.barrier()
+        return self.state
+
+    def _last_saved(self) -> int:
+        every = self.config.checkpoint_every
+        return (self.state.step // every) * every
+

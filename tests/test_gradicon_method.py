@@ -1,0 +1,84 @@
+"""``fmreg train`` and ``--method gradicon`` through the CLI and the API: geometry and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from fmreg.cli import main
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
+from fmreg.methods.gradicon import GradICONMethod, physical_field
+from fmreg.transforms.affine import AffineTransform
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TRAIN = ["--synthetic", "2d", "--size", "32", "32", "--width", "0.125", "--depth", "3", "--batch", "2",
+         "--checkpoint-every", "2", "-q"]
+
+
+def test_the_identity_map_between_two_fields_of_view_is_their_physical_relation():
+    # Fixed and moving cover different boxes: the network's identity (normalized → normalized)
+    # maps each fixed voxel to the moving point at the same relative position.
+    fixed = Grid((11, 21), (1.0, 0.5), (0.0, 0.0))
+    moving = Grid((21, 11), (2.0, 1.0), (10.0, -5.0))
+    field = physical_field(AffineTransform.identity(fixed), fixed, moving)
+    # Extents (x, y): fixed 20 × 5 mm from (0, 0), moving 20 × 20 mm from (10, -5).
+    x = fixed.coordinates(Frame.PHYSICAL)
+    rel = x / torch.tensor([20.0, 5.0]).reshape(2, 1, 1)
+    expected = torch.tensor([10.0, -5.0]).reshape(2, 1, 1) + rel * torch.tensor([20.0, 20.0]).reshape(2, 1, 1)
+    assert field.frame == Frame.PHYSICAL
+    assert_close(field.mapped_points(Frame.PHYSICAL), expected, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "-o", str(out), "--steps", "2", *TRAIN]) == 0
+    return out
+
+
+def test_train_writes_checkpoint_curves_and_card(run_dir):
+    card = json.loads((run_dir / "model.json").read_text())
+    assert card["steps"] == 2 and card["optimizer"] == "adam" and card["input_size"] == [32, 32]
+    assert "synthetic" in card["data"] and card["command"].startswith("fmreg train -o") and card["wall_time_s"] >= 0
+    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_folder_is_never_silently_reused(run_dir, capsys):
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    assert main(["train", "-o", str(run_dir), "--steps", "2", *TRAIN]) == 1
+    assert "holds another run (checkpoint.pt): pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--steps", "2", "--init", "/nonexistent.pt"], "no checkpoint at /nonexistent.pt"),
+    (["--steps", "2", "--size", "8", "8"], "too small"),
+])
+def test_bad_training_input_is_one_line(tmp_path, capsys, args, message):
+    assert main(["train", "-o", str(tmp_path / "r"), *TRAIN, *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_incompatible_init_names_the_first_mismatching_key(run_dir, tmp_path, capsys):
+    args = ["train", "-o", str(tmp_path / "r"), "--steps", "1", *TRAIN, "--width", "0.25", "--init", str(run_dir / "checkpoint.pt")]
+    assert main(args) == 1
+    assert "is not a compatible checkpoint: '" in capsys.readouterr().err
+
+
+def test_gradicon_registers_with_a_trained_checkpoint(run_dir):
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(36.0), indexing="ij")
+    texture = torch.sin(xx / 3.0) * torch.cos(yy / 4.0) + 0.5 * ((xx - 18) ** 2 + (yy - 20) ** 2 < 80).float()
+    fixed = Image(texture, Grid((40, 36), (1.0, 1.5)))
+    moving = Image(torch.roll(fixed.data, 2, dims=1), Grid((40, 36), (1.0, 1.5), (3.0, 0.0)))
+    result = GradICONMethod(weights=str(run_dir / "checkpoint.pt"), io_iterations=2).register(fixed, moving)
+    assert result.field.grid == fixed.grid and result.field.data.shape == (2, 40, 36)
+    assert result.info["network_input_size"] == [32, 32] and torch.isfinite(result.field.data).all()
+    assert set(result.stage_seconds) == {"load", "instance_optimisation", "network"}

@@ -100,7 +100,7 @@ def background_fraction(masks: Tensor, object_mask: Tensor) -> Tensor:
     Args:
         masks: ``(K, H, W)`` bool.
         object_mask: ``(H, W)`` bool, the imaged object (see
-            :func:`fmreg.optimize.initialization.object_mask`).
+            :func:`fmreg.segment.object.object_mask`).
 
     Returns:
         ``(K,)`` float64 in [0, 1]; 0 for an empty mask.
@@ -175,10 +175,13 @@ def filter_proposals(
         ok &= border_outline_fraction(masks) <= max_border_outline
     if object_mask is not None:
         ok &= background_fraction(masks, object_mask) <= max_background
-    cand = torch.nonzero(ok).flatten()
-    if cand.numel() == 0:
-        return props.select(cand)
+    return props.select(_non_overlapping(props, masks, torch.nonzero(ok).flatten(), max_overlap))
 
+
+def _non_overlapping(props: RoiProposals, masks: Tensor, cand: Tensor, max_overlap: float) -> Tensor:
+    """Indices of ``cand`` kept by the overlap rule (rule 4 of :func:`filter_proposals`), sorted."""
+    if cand.numel() == 0:
+        return cand
     # Stable descending sort on (score, stability): index order breaks the remaining ties.
     sub_scores = props.scores[cand].double()
     sub_stab = props.stability[cand].double()
@@ -190,5 +193,4 @@ def filter_proposals(
     for i in order:
         if not kept or bool((ratio[i, kept] <= max_overlap).all()):
             kept.append(i)
-    keep = cand[torch.tensor(sorted(kept), dtype=torch.long)]
-    return props.select(keep)
+    return cand[torch.tensor(sorted(kept), dtype=torch.long)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -198,3 +199,17 @@ def test_bench_refuses_to_overwrite_in_the_data_folder(manifest, tmp_path, capsy
         assert _snapshot(manifest.parent) == before
     finally:
         existing.unlink()
+
+
+def test_bench_params_reach_the_methods_that_declare_them(manifest, tmp_path, capsys):
+    from fmreg.cli import main
+
+    out = tmp_path / "b"
+    args = ["bench", str(manifest), "-m", "identity", "-m", "demons", "--pairs", "pair2d", "-o", str(out), "-q"]
+    assert main([*args, "--param", "iterations=2"]) == 0
+    demons = json.loads((out / "demons" / "pair2d" / "result.json").read_text())
+    assert demons["parameters"]["iterations"] == [2] * len(demons["parameters"]["shrink_factors"])
+    capsys.readouterr()
+    assert main([*args[:4], "--pairs", "pair2d", "-o", str(tmp_path / "c"), "--param", "iterations=2", "-q"]) == 1
+    assert "no method of this run (identity) takes the parameter(s) iterations" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "results.csv").exists()

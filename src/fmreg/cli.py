@@ -251,10 +251,12 @@ has landmarks, else centroid TRE."""
     method: list[str] | None = arg("-m", "--method", help="method to run (repeatable; default: " + DEFAULT_METHOD + ")", action="append", metavar="M")
     outdir: Path = arg("-o", "--outdir", help="output folder", type=Path, required=True, metavar="OUTDIR")
     pairs: list[str] | None = arg("--pairs", help="only these pair names", nargs="+", metavar="NAME")
+    param: list[str] | None = arg("--param", help="method parameter key=value, for every method of the run that takes it (repeatable)", action="append", metavar="KEY=VALUE")
     overwrite: bool = arg("--overwrite", help="replace existing files even in an input's folder, and remove fmreg's own earlier results (tables, per-pair folders) this run does not write", default=False, action="store_true")
 
     def run(self) -> int:
         from fmreg.app.bench import method_means, run_bench
+        from fmreg.app.common import parse_params
 
         res = run_bench(
             self.manifest,
@@ -264,6 +266,7 @@ has landmarks, else centroid TRE."""
             overwrite=self.overwrite,
             log=self.log,
             progress=not self.quiet,
+            params=parse_params(self.param),
         )
         for m in method_means(res):
             print(

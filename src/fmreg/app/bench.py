@@ -42,7 +42,7 @@ from fmreg.errors import FmregError
 from fmreg.io.manifest import Case, read_manifest
 from fmreg.io.outputs import Staging, check_outputs, check_writable
 from fmreg.io.paths import absolute
-from fmreg.methods.base import Method
+from fmreg.methods.base import Method, method_factory
 
 FIXED_COLUMNS_HEAD = ("name", "method", "dice_mean")
 FIXED_COLUMNS_TAIL = ("hd95_mean", "tre_mean", "tre_median", "folding_pct", "seconds", "peak_mem_mb")
@@ -187,6 +187,19 @@ def to_markdown(result: BenchResult, manifest: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def _params_for(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``params`` that ``method`` declares."""
+    declared = {p.name for p in method_factory(method).PARAMS}
+    return {k: v for k, v in params.items() if k in declared}
+
+
+def _check_params_used(methods: Sequence[str], params: dict[str, Any]) -> None:
+    declared = {p.name for m in methods for p in method_factory(m).PARAMS}
+    unused = sorted(set(params) - declared)
+    if unused:
+        raise FmregError(f"no method of this run ({', '.join(methods)}) takes the parameter(s) {', '.join(unused)}")
+
+
 def run_bench(
     manifest: str | os.PathLike,
     methods: Sequence[str] | None = None,
@@ -195,6 +208,7 @@ def run_bench(
     overwrite: bool = False,
     log: Log = stderr_log,
     progress: bool = True,
+    params: dict[str, Any] | None = None,
 ) -> BenchResult:
     """Register every selected pair of ``manifest`` with each method and write the tables.
 
@@ -209,6 +223,8 @@ def run_bench(
         log: Progress lines.
         progress: Report each (pair, method) registration: a tqdm bar with the log lines
             written through it when stderr is a terminal, one plain line each otherwise.
+        params: Method parameters; each goes to every method of the run that declares it (a
+            name no method declares is an error).
 
     Returns:
         The :class:`BenchResult`.
@@ -224,7 +240,8 @@ def run_bench(
     check_writable(outdir)
     cases = _select(read_manifest(manifest), pairs, manifest)
     names = list(dict.fromkeys(methods or [DEFAULT_METHOD]))
-    insts = {m: make_method(m) for m in names}  # unknown methods fail before any work
+    insts = {m: make_method(m, _params_for(m, params or {})) for m in names}  # fail before any work
+    _check_params_used(names, params or {})
 
     inputs: list[Path | None] = [manifest]
     for case in cases:

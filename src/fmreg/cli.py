@@ -347,6 +347,8 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
     depth: int = arg("--depth", help="U-Net levels (uniGradICON: 5)", type=int, default=5, metavar="L")
     batch: int = arg("--batch", help="pairs per step over all processes", type=int, default=8, metavar="B")
     lr: float = arg("--lr", help="Adam learning rate", type=float, default=1e-3)
+    similarity: str = arg("--similarity", help="lncc (uniGradICON) or squared-lncc (contrast-sign blind)", default="lncc",
+                          choices=("lncc", "squared-lncc"))
     seed: int = arg("--seed", help="seed of weights, data and sample points", type=int, default=0)
     checkpoint_every: int = arg("--checkpoint-every", help="steps between checkpoints", type=int, default=100, metavar="K")
     resume: bool = arg("--resume", help="continue the run in RUN_DIR", default=False, action="store_true")
@@ -362,6 +364,7 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
         share = 1.0 if not self.manifest else (0.0 if not self.synthetic else (0.5 if self.synthetic_share is None else self.synthetic_share))
         return TrainConfig(dimension=dim, size=tuple(self.size or (128,) * dim), width=self.width,
                            unet_levels=self.depth, optimizer=self.optimizer, rho=self.rho, lr=self.lr,
+                           similarity=self.similarity,
                            batch_size=self.batch, steps=1000 if self.steps is None else self.steps,
                            checkpoint_every=self.checkpoint_every,
                            seed=self.seed, synthetic=share, manifests=list(self.manifest or []), init=self.init)

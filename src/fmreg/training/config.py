@@ -12,6 +12,7 @@ from fmreg.nn.unet import UNIGRADICON_DOWN, UNIGRADICON_UP
 from fmreg.optimize.sharpness_aware import SharpnessAware
 
 OPTIMIZERS = ("adam", "sharpness-aware", "adaptive-sharpness-aware")
+SIMILARITIES = ("lncc", "squared-lncc")
 #: Conventional ascent radii: SAM (Foret et al.) 0.05, ASAM (Kwon et al.) 0.5.
 DEFAULT_RHO = {"sharpness-aware": 0.05, "adaptive-sharpness-aware": 0.5}
 
@@ -38,6 +39,8 @@ class TrainConfig:
         seed: Seeds the weights, the data stream and the GradICON sample points.
         lmbda: Weight λ of the inverse-consistency term.
         sigma: LNCC Gaussian window σ, voxels.
+        similarity: ``lncc`` (uniGradICON's) or ``squared-lncc`` (sign-blind: for pairs whose
+            contrasts may invert).
         synthetic: Share of synthetic pairs in each batch (1: synthetic only, 0: manifest only).
         manifests: Training manifests (pairs of any kind; labels are not used for training).
         validation: Manifest scored every ``validate_every`` steps (Dice, folding).
@@ -62,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     lmbda: float = 1.5
     sigma: float = 5.0
+    similarity: str = "lncc"
     synthetic: float = 1.0
     manifests: list[str] = field(default_factory=list)
     validation: str | None = None
@@ -76,6 +80,8 @@ class TrainConfig:
         """One-line errors for settings a run cannot use."""
         if self.dimension not in (2, 3) or len(self.size) != self.dimension:
             raise FmregError(f"--size needs {self.dimension} values for a {self.dimension}D model, got {list(self.size)}")
+        if self.similarity not in SIMILARITIES:
+            raise FmregError(f"unknown similarity '{self.similarity}': choose one of {', '.join(SIMILARITIES)}")
         if self.optimizer not in OPTIMIZERS:
             raise FmregError(f"unknown optimizer '{self.optimizer}': choose one of {', '.join(OPTIMIZERS)}")
         checks = [("steps", self.steps, self.steps >= 1, ">= 1"),

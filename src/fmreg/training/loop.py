@@ -42,11 +42,11 @@ class PairSource(Protocol):
 class GradICONObjective(nn.Module):
     """The whole loss of a micro-batch as one forward pass (what DistributedDataParallel wraps)."""
 
-    def __init__(self, network: nn.Module, lmbda: float, sigma: float) -> None:
+    def __init__(self, network: nn.Module, lmbda: float, sigma: float, squared: bool = False) -> None:
         super().__init__()
         self.network = network
         self.lmbda = lmbda
-        self.similarity = GaussianLNCC(sigma)
+        self.similarity = GaussianLNCC(sigma, squared)
 
     def forward(self, moving: Tensor, fixed: Tensor, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         record = gradicon_loss(self.network, moving, fixed, self.similarity, self.lmbda, points)
@@ -75,7 +75,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, data: PairSource, world: World | None = None) -> None:
         self.config, self.data, self.world = config, data, world or World()
         self.model = build_model(config)
-        self.objective = GradICONObjective(self.model.regis_net, config.lmbda, config.sigma)
+        self.objective = GradICONObjective(self.model.regis_net, config.lmbda, config.sigma,
+                                           squared=config.similarity == "squared-lncc")
         self.parallel = self.world.wrap(self.objective)
         self.optimizer = build_optimizer(self.model, config)
         self.noise = torch.Generator().manual_seed(config.seed + 1)

@@ -11,7 +11,8 @@ from torch.testing import assert_close
 from fmreg.cli import main
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image
-from fmreg.methods.gradicon import GradICONMethod, physical_field
+from fmreg.methods.gradicon import GradICONMethod
+from fmreg.nn.images import physical_field
 from fmreg.transforms.affine import AffineTransform
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -82,3 +83,20 @@ def test_gradicon_registers_with_a_trained_checkpoint(run_dir):
     assert result.field.grid == fixed.grid and result.field.data.shape == (2, 40, 36)
     assert result.info["network_input_size"] == [32, 32] and torch.isfinite(result.field.data).all()
     assert set(result.stage_seconds) == {"load", "instance_optimisation", "network"}
+
+
+def test_validation_scores_a_labelled_manifest_during_training(tmp_path):
+    from fmreg import phantoms
+    from fmreg.io.images import write_image
+
+    pair = phantoms.make_pair(2, seed=3)
+    for role in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        write_image(getattr(pair, role), tmp_path / f"{role}.nii.gz")
+    (tmp_path / "val.csv").write_text("name,fixed,moving,fixed_labels,moving_labels,labels\n"
+                                      "p,fixed.nii.gz,moving.nii.gz,fixed_labels.nii.gz,moving_labels.nii.gz,1 2\n")
+    out = tmp_path / "run"
+    assert main(["train", "-o", str(out), "--steps", "2", *TRAIN, "--validate", str(tmp_path / "val.csv"),
+                 "--validate-every", "1"]) == 0
+    card = json.loads((out / "model.json").read_text())
+    assert [v["step"] for v in card["validation"]] == [1, 2]
+    assert all(0.0 <= v["dice"] <= 1.0 and v["pairs"] == 1 and v["folding_pct"] >= 0 for v in card["validation"])

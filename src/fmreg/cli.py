@@ -351,6 +351,8 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
                           choices=("lncc", "squared-lncc"))
     seed: int = arg("--seed", help="seed of weights, data and sample points", type=int, default=0)
     checkpoint_every: int = arg("--checkpoint-every", help="steps between checkpoints", type=int, default=100, metavar="K")
+    validate: str | None = arg("--validate", help="score this manifest's labelled pairs (Dice, folding) during training", metavar="CSV")
+    validate_every: int = arg("--validate-every", help="steps between validations (with --validate)", type=int, default=100, metavar="K")
     resume: bool = arg("--resume", help="continue the run in RUN_DIR", default=False, action="store_true")
     overwrite: bool = arg("--overwrite", help="start over in a RUN_DIR that holds another run", default=False, action="store_true")
 
@@ -367,7 +369,8 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
                            similarity=self.similarity,
                            batch_size=self.batch, steps=1000 if self.steps is None else self.steps,
                            checkpoint_every=self.checkpoint_every,
-                           seed=self.seed, synthetic=share, manifests=list(self.manifest or []), init=self.init)
+                           seed=self.seed, synthetic=share, manifests=list(self.manifest or []), init=self.init,
+                           validation=self.validate, validate_every=self.validate_every if self.validate else 0)
 
     def run(self) -> int:
         from fmreg.app.train import train

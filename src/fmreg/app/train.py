@@ -133,9 +133,14 @@ def train(
             log(f"starting from the weights in {config.init}")
         run_dir.mkdir(parents=True, exist_ok=True)
         update, close = _progress(config, world, trainer.state.step, quiet)
+        validate = None
+        if config.validation and config.validate_every and world.main:
+            from fmreg.evaluate.validation import make_validator
+
+            validate = make_validator(config.validation, config.dimension, tuple(config.size))
         t0 = time.perf_counter()
         try:
-            state = trainer.run(run_dir, progress=update)
+            state = trainer.run(run_dir, progress=update, validate=validate)
         finally:
             close()
         card = model_card(config, state, world, data_note, command or shlex.join(sys.argv))

@@ -1,9 +1,7 @@
 """``gradicon``: a uniGradICON-style registration network (paper 000), with instance optimisation.
 
-Geometry: each image is brought to the network's input size over its *own* extent (as
-uniGradICON does), so the network maps the fixed image's ``NORMALIZED`` frame to the moving
-image's; the result goes back through fmreg's geometry to a physical displacement on the
-fixed grid, like every method's.
+Geometry (:mod:`fmreg.nn.images`): each image reaches the network over its own extent and the
+network's map comes back as a physical displacement on the fixed grid, like every method's.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image, check_pair
 from fmreg.errors import FmregError
 from fmreg.losses.gradicon import gradicon_loss
@@ -25,9 +22,7 @@ from fmreg.losses.image import GaussianLNCC
 from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.params import declare
 from fmreg.nn.gradicon import GradICON
-from fmreg.nn.inputs import network_input
-from fmreg.transforms.base import Transform
-from fmreg.transforms.displacement import DisplacementField
+from fmreg.nn.images import network_input, physical_field
 
 #: Where the models shipped with fmreg live (``gradicon_2d.pt`` / ``gradicon_3d.pt`` + ``.json`` cards).
 WEIGHTS_PACKAGE = "fmreg.nn.weights"
@@ -74,15 +69,6 @@ def instance_optimise(net: GradICON, moving: Tensor, fixed: Tensor, iterations: 
         gradicon_loss(net, moving, fixed, similarity).total.backward()
         optim.step()
     return net.eval()
-
-
-def physical_field(transform: Transform, fixed: Grid, moving: Grid) -> DisplacementField:
-    """The network's map (fixed → moving ``NORMALIZED`` frames) as a physical field on ``fixed``."""
-    with torch.no_grad():
-        pts = transform.normalized_points(fixed.shape)[0].double()
-    world = moving.convert_points(pts, Frame.NORMALIZED, Frame.PHYSICAL)
-    u = world.movedim(-1, 0) - fixed.coordinates(Frame.PHYSICAL, dtype=torch.float64)
-    return DisplacementField(u.float(), fixed, Frame.PHYSICAL)
 
 
 class GradICONMethod:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from fmreg.errors import FmregError
 from fmreg.io.manifest import read_manifest
-from fmreg.nn.inputs import network_input
+from fmreg.nn.images import network_input
 from fmreg.training.config import TrainConfig
 
 

@@ -324,7 +324,8 @@ keys of --param KEY=VALUE."""
 # ---------------------------------------------------------------------------- train
 @dataclass(kw_only=True)
 class Train(Command):
-    """Train or fine-tune a GradICON registration network (paper 000) into RUN_DIR.
+    """Train or fine-tune a registration network into RUN_DIR: GradICON (paper 000, the default) or
+the mask-guided network (paper 001, --model mask-guided).
 
 RUN_DIR gets checkpoint.pt (every --checkpoint-every steps, atomic; --resume continues it bit for
 bit), loss.png and model.json (data, command, optimizer, steps, wall time, machine). Data:
@@ -332,8 +333,13 @@ synthetic SynthMorph-style pairs (--synthetic 2d|3d) and/or the pairs of --manif
 More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataParallel)."""
 
     name: ClassVar[str] = "train"
-    help: ClassVar[str] = "train or fine-tune a GradICON network"
+    help: ClassVar[str] = "train or fine-tune a registration network (gradicon, mask-guided)"
     outdir: Path = arg("-o", "--outdir", help="run folder", type=Path, required=True, metavar="RUN_DIR")
+    model: str = arg("--model", help="gradicon (paper 000) or mask-guided (paper 001)", default="gradicon",
+                     choices=("gradicon", "mask-guided"))
+    mask_channels: int = arg("--mask-channels", help="mask-guided: ROI mask channels K", type=int, default=4, metavar="K")
+    fusion: str = arg("--fusion", help="mask-guided: cross-fusion attention or convolutional fusion", default="attention",
+                      choices=("attention", "conv"))
     manifest: list[str] | None = arg("--manifest", help="training pairs (repeatable; labels are not used)", action="append", metavar="CSV")
     synthetic: str | None = arg("--synthetic", help="synthetic pairs of this dimension", choices=("2d", "3d"))
     synthetic_share: float | None = arg("--synthetic-share", help="share of synthetic pairs per batch with --manifest (default 0.5)", type=float, metavar="F")
@@ -343,7 +349,7 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
     rho: float | None = arg("--rho", help="ascent radius (default 0.05 SAM, 0.5 ASAM)", type=float, metavar="R")
     steps: int | None = arg("--steps", help="optimisation steps (default 1000; on --resume a new total)", type=int, metavar="N")
     size: list[int] | None = arg("--size", help="network input size, array order (default 128 128 in 2D, 128 128 128 in 3D)", type=int, nargs="+", metavar="N")
-    width: float = arg("--width", help="multiplier of uniGradICON's U-Net widths (1: the 70.7 M model)", type=float, default=0.25, metavar="W")
+    width: float | None = arg("--width", help="multiplier of the model's widths (gradicon: uniGradICON's, 1 = the 70.7 M model, default 0.25; mask-guided: the paper's 8-16-32-64, default 1)", type=float, metavar="W")
     depth: int = arg("--depth", help="U-Net levels (uniGradICON: 5)", type=int, default=5, metavar="L")
     batch: int = arg("--batch", help="pairs per step over all processes", type=int, default=8, metavar="B")
     lr: float = arg("--lr", help="Adam learning rate", type=float, default=1e-3)
@@ -364,7 +370,9 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
             raise FmregError("give training data: --synthetic 2d|3d and/or --manifest CSV")
         dim = int(self.synthetic[0]) if self.synthetic else (len(self.size) if self.size else 2)
         share = 1.0 if not self.manifest else (0.0 if not self.synthetic else (0.5 if self.synthetic_share is None else self.synthetic_share))
-        return TrainConfig(dimension=dim, size=tuple(self.size or (128,) * dim), width=self.width,
+        width = self.width if self.width is not None else (1.0 if self.model == "mask-guided" else 0.25)
+        return TrainConfig(model=self.model, mask_channels=self.mask_channels, fusion=self.fusion,
+                           dimension=dim, size=tuple(self.size or (128,) * dim), width=width,
                            unet_levels=self.depth, optimizer=self.optimizer, rho=self.rho, lr=self.lr,
                            similarity=self.similarity,
                            batch_size=self.batch, steps=1000 if self.steps is None else self.steps,

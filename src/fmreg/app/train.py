@@ -86,7 +86,7 @@ def machine() -> dict[str, Any]:
 def model_card(config: TrainConfig, state, world: World, data_note: str, command: str) -> dict[str, Any]:
     """``model.json``: what the model is and exactly how it was trained."""
     last = state.history[-1] if state.history else {}
-    return {"model": "gradicon", "fmreg_version": __version__, "dimension": config.dimension,
+    return {"model": config.model, "fmreg_version": __version__, "dimension": config.dimension,
             "input_size": list(config.size), "data": data_note, "command": command,
             "optimizer": config.optimizer, "steps": state.step, "wall_time_s": round(state.seconds, 1),
             "processes": world.size, "machine": machine(), "final_loss": last,
@@ -155,6 +155,6 @@ def train(
 def _write_results(run_dir: Path, state, card: dict) -> None:
     from fmreg.figures.loss_curves import save_loss_curves
 
-    save_loss_curves(run_dir / "loss.png", state.history, title=f"gradicon, {card['optimizer']}, {card['data']}")
+    save_loss_curves(run_dir / "loss.png", state.history, title=f"{card['model']}, {card['optimizer']}, {card['data']}")
     with atomic_path(run_dir / "model.json") as tmp:
         tmp.write_text(dump_json(card))

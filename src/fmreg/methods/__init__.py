@@ -5,7 +5,7 @@ Importing this package fills the method registry. Peers whose packages are optio
 """
 
 from fmreg.methods.base import Method, RegistrationResult, available_methods, get_method, add_method
-from fmreg.methods import gradicon, identity, samreg  # noqa: F401  (registry entries)
+from fmreg.methods import gradicon, identity, mask_guided, samreg  # noqa: F401  (registry entries)
 from fmreg.methods.peers import ants, demons, elastix  # noqa: F401  (registry entries)
 
 __all__ = ["Method", "RegistrationResult", "available_methods", "get_method", "add_method"]

@@ -48,6 +48,8 @@ def load_network(weights: str | Path, dimension: int) -> tuple[GradICON, tuple[i
     loaded = load_checkpoint(weights)
     if "config" in loaded:
         config = TrainConfig.from_dict(loaded["config"])
+        if config.model != "gradicon":
+            raise FmregError(f"{weights} is a {config.model} checkpoint; --method gradicon needs a gradicon one")
         down, up = config.widths()
         net = GradICON(config.dimension, down, up, levels=config.levels, last_step=config.last_step)
         size = tuple(config.size)

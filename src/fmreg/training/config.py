@@ -11,8 +11,11 @@ from fmreg.nn.gradicon import GradICON
 from fmreg.nn.unet import UNIGRADICON_DOWN, UNIGRADICON_UP
 from fmreg.optimize.sharpness_aware import SharpnessAware
 
+MODELS = ("gradicon", "mask-guided")
 OPTIMIZERS = ("adam", "sharpness-aware", "adaptive-sharpness-aware")
 SIMILARITIES = ("lncc", "squared-lncc")
+#: The paper-001 encoders' widths at 1, 1/2, 1/4 and 1/8 resolution.
+MASK_GUIDED_WIDTHS = (8, 16, 32, 64)
 #: Conventional ascent radii: SAM (Foret et al.) 0.05, ASAM (Kwon et al.) 0.5.
 DEFAULT_RHO = {"sharpness-aware": 0.05, "adaptive-sharpness-aware": 0.5}
 
@@ -22,9 +25,11 @@ class TrainConfig:
     """Settings of ``fmreg train`` (JSON-serialisable; stored in every checkpoint).
 
     Attributes:
+        model: ``gradicon`` (paper 000) or ``mask-guided`` (paper 001).
         dimension: 2 or 3.
         size: Network input shape, array order (images are resampled to it).
-        width: Multiplier of uniGradICON's U-Net widths (1.0: the released 70.7 M model).
+        width: Multiplier of the model's reference widths: uniGradICON's U-Net (1.0: the
+            released 70.7 M model) or the mask-guided encoders' 8-16-32-64.
         unet_levels: Down/up levels of each U-Net (uniGradICON: 5).
         levels: Resolutions of the coarse-to-fine cascade (uniGradICON: 3).
         last_step: uniGradICON's fourth, full-resolution step.
@@ -47,8 +52,11 @@ class TrainConfig:
         validate_every: Steps between validations (0: never).
         init: Weights to start from (a checkpoint of ``fmreg train`` or uniGradICON's
             ``regis_net`` state_dict), or None.
+        mask_channels: ``K``, ROI mask channels of a mask-guided model.
+        fusion: Mask-guided fusion: ``attention`` (cross-fusion transformer) or ``conv``.
     """
 
+    model: str = "gradicon"
     dimension: int = 2
     size: tuple[int, ...] = (128, 128)
     width: float = 0.25
@@ -71,6 +79,8 @@ class TrainConfig:
     validation: str | None = None
     validate_every: int = 0
     init: str | None = None
+    mask_channels: int = 4
+    fusion: str = "attention"
 
     def __post_init__(self) -> None:
         self.size = tuple(int(s) for s in self.size)
@@ -80,10 +90,10 @@ class TrainConfig:
         """One-line errors for settings a run cannot use."""
         if self.dimension not in (2, 3) or len(self.size) != self.dimension:
             raise FmregError(f"--size needs {self.dimension} values for a {self.dimension}D model, got {list(self.size)}")
-        if self.similarity not in SIMILARITIES:
-            raise FmregError(f"unknown similarity '{self.similarity}': choose one of {', '.join(SIMILARITIES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise FmregError(f"unknown optimizer '{self.optimizer}': choose one of {', '.join(OPTIMIZERS)}")
+        for name, value, allowed in (("model", self.model, MODELS), ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("similarity", self.similarity, SIMILARITIES)):
+            if value not in allowed:
+                raise FmregError(f"unknown {name} '{value}': choose one of {', '.join(allowed)}")
         checks = [("steps", self.steps, self.steps >= 1, ">= 1"),
                   ("batch", self.batch_size, self.batch_size >= 1, ">= 1"),
                   ("lr", self.lr, self.lr > 0, "> 0"), ("width", self.width, self.width > 0, "> 0"),
@@ -95,10 +105,23 @@ class TrainConfig:
                 raise FmregError(f"--{name} must be {rule}, got {value}")
         if self.synthetic < 1.0 and not self.manifests:
             raise FmregError("training on manifest pairs needs --manifest CSV (or --synthetic only)")
+        if self.model == "mask-guided":
+            self._check_mask_guided()
+            return
         min_size = 2 ** (self.levels - 1) * 2 ** self.unet_levels
         if min(self.size) < min_size:
             raise FmregError(f"--size {list(self.size)} is too small for {self.levels} cascade levels of "
                              f"{self.unet_levels}-level U-Nets: every axis needs at least {min_size} voxels")
+
+    def _check_mask_guided(self) -> None:
+        if self.mask_channels < 1:
+            raise FmregError(f"--mask-channels must be >= 1, got {self.mask_channels}")
+        if self.synthetic < 1.0:
+            raise FmregError("mask-guided training needs ROI masks, which only the synthetic pairs carry so far: "
+                             "train with --synthetic only")
+        step = 2 ** (len(MASK_GUIDED_WIDTHS) - 1)
+        if any(n % step or n < 2 * step for n in self.size):
+            raise FmregError(f"--size {list(self.size)}: a mask-guided model needs multiples of {step} of at least {2 * step}")
 
     def widths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """U-Net down and up widths: uniGradICON's, scaled by ``width``, ``unet_levels`` deep."""
@@ -120,9 +143,14 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def build_model(config: TrainConfig) -> GradICON:
+def build_model(config: TrainConfig) -> torch.nn.Module:
     """The network of ``config``, seeded (same seed, same initial weights)."""
     torch.manual_seed(config.seed)
+    if config.model == "mask-guided":
+        from fmreg.nn.mask_guided import MaskGuidedNet
+
+        widths = tuple(max(2, int(round(c * config.width))) for c in MASK_GUIDED_WIDTHS)
+        return MaskGuidedNet(config.dimension, config.mask_channels, widths, fusion=config.fusion)
     down, up = config.widths()
     return GradICON(config.dimension, down, up, levels=config.levels, last_step=config.last_step)
 

@@ -81,6 +81,44 @@ class MixedPairs:
         self.manifest.load_state_dict(state["manifest"])
 
 
+class MaskChannels:
+    """Pairs with ``K`` matched ROI mask channels, from a source of pairs with label maps.
+
+    The two label maps of a synthetic pair share one base map, so label ``j`` is the same
+    structure in both: mask channel ``k`` of both images holds one label drawn at random among
+    those present in the fixed map (an empty channel when there are fewer than ``K``).
+    """
+
+    def __init__(self, source, channels: int, seed: int) -> None:
+        self.source, self.channels = source, channels
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _masks(self, moving_labels: Tensor, fixed_labels: Tensor) -> tuple[Tensor, Tensor]:
+        b = fixed_labels.shape[0]
+        shape = fixed_labels.shape[2:]
+        mm = torch.zeros((b, self.channels, *shape))
+        fm = torch.zeros((b, self.channels, *shape))
+        for i in range(b):
+            present = torch.unique(fixed_labels[i])
+            pick = present[torch.randperm(present.numel(), generator=self.generator)[: self.channels]]
+            for k, value in enumerate(pick):
+                mm[i, k] = (moving_labels[i, 0] == value).float()
+                fm[i, k] = (fixed_labels[i, 0] == value).float()
+        return mm, fm
+
+    def batch(self, n: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(moving, fixed, moving_masks, fixed_masks)``: images ``(n, 1, *size)``, masks ``(n, K, *size)``."""
+        moving, fixed, moving_labels, fixed_labels = self.source.batch(n, rank, world_size)
+        return (moving, fixed, *self._masks(moving_labels, fixed_labels))
+
+    def state_dict(self) -> dict:
+        return {"source": self.source.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state["source"])
+        self.generator.set_state(state["generator"])
+
+
 def make_pair_source(config: TrainConfig):
     """The pair source of ``config`` and a one-line description of its data (for the model card)."""
     from fmreg.training.synthetic import SyntheticConfig, SyntheticPairs
@@ -88,6 +126,10 @@ def make_pair_source(config: TrainConfig):
     synthetic = None
     if config.synthetic > 0:
         synthetic = SyntheticPairs(SyntheticConfig.default(config.dimension, shape=tuple(config.size)), seed=config.seed)
+    if config.model == "mask-guided":
+        return MaskChannels(synthetic, config.mask_channels, config.seed + 3), (
+            f"synthetic {config.dimension}D pairs with {config.mask_channels} label-map mask channels "
+            f"(SynthMorph-style generator, seed {config.seed})")
     if config.synthetic >= 1.0:
         return synthetic, f"synthetic {config.dimension}D pairs (SynthMorph-style generator, seed {config.seed})"
     manifest = ManifestPairs(list(config.manifests), tuple(config.size), config.seed + 2)

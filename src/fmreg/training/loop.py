@@ -40,7 +40,10 @@ class PairSource(Protocol):
 
 
 class GradICONObjective(nn.Module):
-    """The whole loss of a micro-batch as one forward pass (what DistributedDataParallel wraps)."""
+    """The whole GradICON loss of a micro-batch as one forward pass (what DistributedDataParallel wraps)."""
+
+    #: Tensors of a batch it takes: moving, fixed.
+    inputs = 2
 
     def __init__(self, network: nn.Module, lmbda: float, sigma: float, squared: bool = False) -> None:
         super().__init__()
@@ -48,9 +51,34 @@ class GradICONObjective(nn.Module):
         self.lmbda = lmbda
         self.similarity = GaussianLNCC(sigma, squared)
 
-    def forward(self, moving: Tensor, fixed: Tensor, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, moving: Tensor, fixed: Tensor, points: Tensor) -> dict[str, Tensor]:
         record = gradicon_loss(self.network, moving, fixed, self.similarity, self.lmbda, points)
-        return record.total, record.terms["similarity"], record.terms["inverse_consistency"]
+        return {"loss": record.total, **record.terms}
+
+
+class MaskGuidedObjective(nn.Module):
+    """The mask-guided loss (paper 001) of a micro-batch as one forward pass."""
+
+    #: Tensors of a batch it takes: moving, fixed, moving masks, fixed masks.
+    inputs = 4
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, moving: Tensor, fixed: Tensor, moving_masks: Tensor, fixed_masks: Tensor,
+                points: Tensor) -> dict[str, Tensor]:
+        from fmreg.losses.mask_guided import mask_guided_loss
+
+        record = mask_guided_loss(self.network, moving, fixed, moving_masks, fixed_masks)
+        return {"loss": record.total, **{k: v for k, v in record.terms.items() if k != "total"}}
+
+
+def build_objective(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """The objective of ``config.model`` around ``model``."""
+    if config.model == "mask-guided":
+        return MaskGuidedObjective(model)
+    return GradICONObjective(model.regis_net, config.lmbda, config.sigma, squared=config.similarity == "squared-lncc")
 
 
 @dataclass
@@ -75,8 +103,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, data: PairSource, world: World | None = None) -> None:
         self.config, self.data, self.world = config, data, world or World()
         self.model = build_model(config)
-        self.objective = GradICONObjective(self.model.regis_net, config.lmbda, config.sigma,
-                                           squared=config.similarity == "squared-lncc")
+        self.objective = build_objective(self.model, config)
         self.parallel = self.world.wrap(self.objective)
         self.optimizer = build_optimizer(self.model, config)
         self.noise = torch.Generator().manual_seed(config.seed + 1)
@@ -106,40 +133,41 @@ class Trainer:
         self.state = TrainState(ckpt["step"], ckpt["seconds"], list(ckpt["history"]), list(ckpt["validation"]))
 
     # ------------------------------------------------------------------ one step
-    def _local_batch(self) -> tuple[Tensor, Tensor, Tensor]:
-        """This process's share of the step's batch and its GradICON sample points."""
-        moving, fixed = self.data.batch(self.local_batch, self.world.rank, self.world.size)[:2]
+    def _local_batch(self) -> list[Tensor]:
+        """This process's share of the step's batch, then its GradICON sample points."""
+        batch = self.data.batch(self.local_batch, self.world.rank, self.world.size)[: self.objective.inputs]
         # Every process draws the global batch's points (cheap) so that the stream stays in step.
         points = perturbed_identity(self.config.batch_size, tuple(self.config.size), self.noise)
         part = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
-        return moving, fixed, points[part]
+        return [*batch, points[part]]
 
-    def _gradients(self, moving: Tensor, fixed: Tensor, points: Tensor) -> dict[str, float]:
+    def _gradients(self, batch: list[Tensor]) -> dict[str, float]:
         """Zero, then accumulate the mean-loss gradient over the micro-batches."""
         self.optimizer.zero_grad()
-        terms = {"loss": 0.0, "similarity": 0.0, "inverse_consistency": 0.0}
+        terms: dict[str, float] = {}
         chunks = range(0, self.local_batch, self.micro)
+        share = self.micro / self.local_batch
         for i, start in enumerate(chunks):
             part = slice(start, start + self.micro)
             last = i == len(chunks) - 1
             # Gradients of all but the last micro-batch stay local; the last backward all-reduces.
             sync = self.parallel.no_sync() if (self.world.size > 1 and not last) else contextlib.nullcontext()
             with sync:
-                total, sim, icon = self.parallel(moving[part], fixed[part], points[part])
-                (total * (self.micro / self.local_batch)).backward()
-            for name, value in zip(terms, (total, sim, icon)):
-                terms[name] += float(value.detach()) * self.micro / self.local_batch
+                out = self.parallel(*[t[part] for t in batch])
+                (out["loss"] * share).backward()
+            for name, value in out.items():
+                terms[name] = terms.get(name, 0.0) + float(value.detach()) * share
         return terms
 
     def step(self) -> dict[str, float]:
         """One optimisation step; returns the loss terms at the current weights."""
         self.model.train()
-        moving, fixed, points = self._local_batch()
-        terms = self._gradients(moving, fixed, points)
+        batch = self._local_batch()
+        terms = self._gradients(batch)
         if isinstance(self.optimizer, SharpnessAware):
             self.optimizer.ascend()
             with frozen_batchnorm_stats(self.model):
-                self._gradients(moving, fixed, points)
+                self._gradients(batch)
             self.optimizer.descend()
         else:
             self.optimizer.step()

@@ -1,0 +1,70 @@
+"""``fmreg train --model mask-guided`` and ``--method mask-guided`` through the CLI: runs and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fmreg.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TRAIN = ["--model", "mask-guided", "--synthetic", "2d", "--size", "32", "32", "--width", "0.5", "--batch", "2",
+         "--mask-channels", "3", "--checkpoint-every", "2", "-q"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mg")
+    assert main(["train", "-o", str(out), "--steps", "2", *TRAIN]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from fmreg import phantoms
+    from fmreg.io.images import write_image
+
+    root = tmp_path_factory.mktemp("pair")
+    p = phantoms.make_pair(2, seed=2)
+    for role in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        write_image(getattr(p, role), root / f"{role}.nii.gz")
+    return root
+
+
+def test_train_records_the_model_kind_and_its_loss_terms(run_dir):
+    card = json.loads((run_dir / "model.json").read_text())
+    assert card["model"] == "mask-guided" and card["config"]["mask_channels"] == 3
+    assert {"ncc", "dice", "contour", "contrastive", "alignment", "diffusion"} <= set(card["final_loss"])
+
+
+@pytest.mark.parametrize("method", ["mask-guided", "mask-guided-labels"])
+def test_register_with_masks_from_the_segmenter_or_the_labels(run_dir, pair, tmp_path, method):
+    out = tmp_path / "o"
+    labels = ["--fixed-labels", str(pair / "fixed_labels.nii.gz"), "--moving-labels", str(pair / "moving_labels.nii.gz")]
+    args = ["register", str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz"), "-o", str(out), "--method", method,
+            "--param", f"weights={run_dir / 'checkpoint.pt'}", *labels, "-q"]
+    assert main(args) == 0
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["method"] == method and doc["mask_channels"] == 3 and (out / "roi_pairs.png").is_file()
+    assert len(doc["roi_pairs"]) <= 3
+
+
+def test_a_checkpoint_of_another_kind_is_named(run_dir, pair, tmp_path, capsys):
+    args = ["register", str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz"), "-o", str(tmp_path / "o"),
+            "--method", "gradicon", "--param", f"weights={run_dir / 'checkpoint.pt'}", "-q"]
+    assert main(args) == 1
+    assert "is a mask-guided checkpoint; --method gradicon needs a gradicon one" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--size", "36", "36"], "multiples of 8"),
+    (["--manifest", "pairs.csv"], "only the synthetic pairs carry"),
+    (["--mask-channels", "0"], "--mask-channels must be >= 1"),
+])
+def test_bad_mask_guided_settings_are_one_line(tmp_path, capsys, extra, message):
+    assert main(["train", "-o", str(tmp_path / "r"), "--steps", "1", *TRAIN, *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -49,9 +49,9 @@ def _panel(draw: ImageDraw.ImageDraw, top: int, name: str, steps: np.ndarray, va
     for v, y in ((hi, y0), (lo, y1)):
         label = f"{v:.3g}"
         write_text(draw, (x0 - 6 - text_width(label, 11), y - 7), label, size=11)
-    for s, anchor in ((steps[0], x0), (steps[-1], x1)):
-        label = f"step {int(s)}"
-        write_text(draw, (anchor - text_width(label, 11) / 2, y1 + 6), label, size=11)
+    first, last = f"step {int(steps[0])}", f"step {int(steps[-1])}"
+    write_text(draw, (x0, y1 + 6), first, size=11)
+    write_text(draw, (x1 - text_width(last, 11), y1 + 6), last, size=11)  # inside the figure
 
 
 def save_loss_curves(path: str | Path, history: Sequence[dict], title: str = "") -> Path:

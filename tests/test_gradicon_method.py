@@ -100,3 +100,26 @@ def test_validation_scores_a_labelled_manifest_during_training(tmp_path):
     card = json.loads((out / "model.json").read_text())
     assert [v["step"] for v in card["validation"]] == [1, 2]
     assert all(0.0 <= v["dice"] <= 1.0 and v["pairs"] == 1 and v["folding_pct"] >= 0 for v in card["validation"])
+
+
+def _phantom_manifest(root, ndim):
+    from fmreg import phantoms
+    from fmreg.io.images import write_image
+
+    pair = phantoms.make_pair(ndim, seed=4)
+    for role in ("fixed", "moving"):
+        write_image(getattr(pair, role), root / f"{role}{ndim}.nii.gz")
+    path = root / f"pairs{ndim}.csv"
+    path.write_text(f"name,fixed,moving\np,fixed{ndim}.nii.gz,moving{ndim}.nii.gz\n")
+    return path
+
+
+def test_training_on_manifest_pairs_and_refusing_a_manifest_without_usable_pairs(tmp_path, capsys):
+    manifest2d, manifest3d = _phantom_manifest(tmp_path, 2), _phantom_manifest(tmp_path, 3)
+    base = ["train", "--size", "32", "32", "--width", "0.125", "--depth", "3", "--batch", "2", "-q", "--steps", "1"]
+    assert main([*base, "-o", str(tmp_path / "ok"), "--manifest", str(manifest2d)]) == 0
+    card = json.loads((tmp_path / "ok" / "model.json").read_text())
+    assert card["data"] == "manifest pairs: pairs2.csv"
+    assert main([*base, "-o", str(tmp_path / "bad"), "--manifest", str(manifest3d)]) == 1
+    assert "holds no usable 2D pair for training" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()

@@ -89,7 +89,7 @@ def test_bench_writes_exact_columns_and_empty_cells(manifest, tmp_path, capsys):
     columns, rows = _read_csv(out / "results.csv")
     assert columns == [
         "name", "method", "dice_mean", "dice_1", "dice_2", "dice_3",
-        "hd95_mean", "tre_mean", "tre_median", "folding_pct", "seconds", "peak_mem_mb",
+        "hd95_mean", "tre_mean", "tre_median", "folding_pct", "std_log_jacobian", "seconds", "peak_mem_mb",
     ]
     assert [(r["name"], r["method"]) for r in rows] == [(n, m) for n in ("pair2d", "pair3d", "nogt") for m in METHODS]
     by = {(r["name"], r["method"]): r for r in rows}
@@ -109,7 +109,7 @@ def test_bench_writes_exact_columns_and_empty_cells(manifest, tmp_path, capsys):
     for m in METHODS:
         r = by["nogt", m]
         assert all(r[c] == "" for c in ("dice_mean", "dice_1", "dice_2", "dice_3", "hd95_mean", "tre_mean", "tre_median"))
-        assert r["folding_pct"] != "" and r["seconds"] != "" and r["peak_mem_mb"] != ""
+        assert r["folding_pct"] != "" and r["std_log_jacobian"] != "" and r["seconds"] != "" and r["peak_mem_mb"] != ""
         assert float(r["seconds"]) >= 0 and float(r["peak_mem_mb"]) >= 0
 
     md = (out / "results.md").read_text()
@@ -134,7 +134,7 @@ def test_bench_pairs_selection_and_api(manifest, tmp_path):
     assert [r["name"] for r in res.rows] == ["pair3d"]
     assert res.columns == [
         "name", "method", "dice_mean", "dice_1", "dice_2", "dice_3",
-        "hd95_mean", "tre_mean", "tre_median", "folding_pct", "seconds", "peak_mem_mb",
+        "hd95_mean", "tre_mean", "tre_median", "folding_pct", "std_log_jacobian", "seconds", "peak_mem_mb",
     ]
     assert res.rows[0]["tre_kind"] == "centroid"
     assert math.isfinite(res.rows[0]["dice_mean"])

@@ -242,7 +242,7 @@ class Bench(Command):
 per-pair outputs under OUTDIR/<method>/<pair>/.
 
 results.csv columns: name, method, dice_mean, dice_<value>..., hd95_mean, tre_mean, tre_median,
-folding_pct, seconds, peak_mem_mb (empty = no ground truth). TRE is landmark TRE where a pair
+folding_pct, std_log_jacobian, seconds, peak_mem_mb (empty = no ground truth). TRE is landmark TRE where a pair
 has landmarks, else centroid TRE."""
 
     name: ClassVar[str] = "bench"

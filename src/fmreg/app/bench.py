@@ -3,7 +3,7 @@
 Outputs (all written atomically, see :class:`fmreg.io.outputs.Staging`):
 
 * ``OUTDIR/results.csv`` with the columns ``name, method, dice_mean, dice_<value>...,
-  hd95_mean, tre_mean, tre_median, folding_pct, seconds, peak_mem_mb`` (one ``dice_<value>``
+  hd95_mean, tre_mean, tre_median, folding_pct, std_log_jacobian, seconds, peak_mem_mb`` (one ``dice_<value>``
   column per label value scored anywhere in the manifest, ascending; ``fg`` pairs are
   binarized at > 127 and scored as value 1). A cell is empty where the pair has no ground
   truth for it, or where the score is undefined (e.g. a label absent from both maps).
@@ -45,7 +45,7 @@ from fmreg.io.paths import absolute
 from fmreg.methods.base import Method, method_factory
 
 FIXED_COLUMNS_HEAD = ("name", "method", "dice_mean")
-FIXED_COLUMNS_TAIL = ("hd95_mean", "tre_mean", "tre_median", "folding_pct", "seconds", "peak_mem_mb")
+FIXED_COLUMNS_TAIL = ("hd95_mean", "tre_mean", "tre_median", "folding_pct", "std_log_jacobian", "seconds", "peak_mem_mb")
 
 
 def columns_for(cases: Sequence[Case]) -> list[str]:
@@ -82,6 +82,7 @@ def _row(case: Case, method: str, doc: dict[str, Any], columns: Sequence[str]) -
     row: dict[str, Any] = {c: None for c in columns}
     row.update(name=case.name, method=method, seconds=_finite(doc.get("seconds")), peak_mem_mb=_finite(doc.get("peak_mem_mb")))
     row["folding_pct"] = _finite(mets.get("folding_pct"))
+    row["std_log_jacobian"] = _finite(mets.get("std_log_jacobian"))
     row["tre_kind"] = None
     if "dice" in mets:
         row["dice_mean"] = _finite(mets.get("mean_dice"))
@@ -116,7 +117,7 @@ def _md_cell(column: str, v: Any) -> str:
         return str(v).replace("|", "\\|")
     if column.startswith("dice"):
         return f"{v:.3f}"
-    if column == "folding_pct":
+    if column in ("folding_pct", "std_log_jacobian"):
         return f"{v:.3f}"
     if column == "peak_mem_mb":
         return f"{v:.1f}"
@@ -178,6 +179,7 @@ def to_markdown(result: BenchResult, manifest: Path | None = None) -> str:
         f"  - landmark TRE: {', '.join(landmark) if landmark else 'none'}",
         f"  - centroid TRE: {', '.join(centroid) if centroid else 'none'}",
         "- `folding_pct`: % of voxels with Jacobian determinant ≤ 0.",
+        "- `std_log_jacobian`: standard deviation of log det J (smoothness; 0 for a rigid map).",
         "- `seconds`: wall time of the method's registration only; `peak_mem_mb`: increase of "
         "the process's peak resident memory during it (MiB).",
         "- Empty cell: no ground truth for it, or undefined (e.g. a label absent from both maps).",

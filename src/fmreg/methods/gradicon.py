@@ -115,14 +115,14 @@ class GradICONMethod:
         with torch.no_grad():
             transform = net(m, f)
         field = physical_field(transform, fixed.grid, moving.grid)
-        card = _card(weights)
+        card = weights_card(weights)
         return RegistrationResult(field, self.name, self.parameters(),
                                   stage_seconds={"load": t1 - t0, "instance_optimisation": t2 - t1,
                                                  "network": time.perf_counter() - t2},
                                   info={"network_input_size": list(size), **({"model": card} if card else {})})
 
 
-def _card(weights: Path) -> dict | None:
+def weights_card(weights: Path) -> dict | None:
     """The ``model.json`` beside a weights file (its provenance), if there is one."""
     for candidate in (weights.with_suffix(".json"), weights.parent / "model.json"):
         if candidate.is_file():

@@ -21,7 +21,7 @@ from fmreg.core.intensity import resize
 from fmreg.correspond.pairs import RoiPair, find_roi_pairs, label_roi_pairs
 from fmreg.errors import FmregError
 from fmreg.methods.base import RegistrationResult, add_method
-from fmreg.methods.gradicon import WEIGHTS_PACKAGE, _card
+from fmreg.methods.gradicon import WEIGHTS_PACKAGE, weights_card
 from fmreg.methods.params import declare
 from fmreg.nn.images import network_input, physical_field
 
@@ -81,11 +81,11 @@ class MaskGuidedMethod:
         return path
 
     def _pairs(self, fixed: Image, moving: Image, fixed_labels, moving_labels) -> list[RoiPair]:
-        from fmreg.methods.samreg import _make_backend
+        from fmreg.methods.samreg import make_backend
 
         cache: dict = {}
-        seg = _make_backend(self.segmenter, self.model, "segmenter", cache)
-        enc = _make_backend(self.segmenter, self.model, "encoder", cache)
+        seg = make_backend(self.segmenter, self.model, "segmenter", cache)
+        enc = make_backend(self.segmenter, self.model, "encoder", cache)
         return find_roi_pairs(fixed, moving, seg, enc)
 
     def register(self, fixed: Image, moving: Image, fixed_labels: Image | None = None,
@@ -101,7 +101,7 @@ class MaskGuidedMethod:
         with torch.no_grad():
             transform = net(network_input(moving, size), network_input(fixed, size), mm, fm)
         field = physical_field(transform, fixed.grid, moving.grid)
-        card = _card(weights)
+        card = weights_card(weights)
         return RegistrationResult(field, self.name, self.parameters(), roi_pairs=pairs[:k],
                                   stage_seconds={"load_and_segment": t1 - t0, "network": time.perf_counter() - t1},
                                   info={"network_input_size": list(size), "mask_channels": k,

@@ -118,7 +118,8 @@ def _split_params(params: dict[str, Any]) -> tuple[SamRegOptions, FitOptions, di
 SAM_DEFAULTS = {"pred_iou_thresh": MIN_SCORE, "stability_score_thresh": MIN_STABILITY}
 
 
-def _make_backend(kind: str, model: str | None, role: str, cache: dict, sam_options: dict | None = None):
+def make_backend(kind: str, model: str | None, role: str, cache: dict, sam_options: dict | None = None):
+    """The ``classical`` or ``sam`` segmenter/encoder (``role``); one SAM model serves both roles via ``cache``."""
     if kind == "classical":
         from fmreg.segment.classical import ClassicalEncoder, ClassicalSegmenter
 
@@ -177,8 +178,8 @@ class SamRegMethod:
 
     def register(self, fixed: Image, moving: Image, fixed_labels=None, moving_labels=None) -> RegistrationResult:
         cache: dict = {}
-        seg = _make_backend(self.segmenter_kind, self.model, "segmenter", cache, self.sam_options)
-        enc = _make_backend(self.encoder_kind, self.model, "encoder", cache, self.sam_options)
+        seg = make_backend(self.segmenter_kind, self.model, "segmenter", cache, self.sam_options)
+        enc = make_backend(self.encoder_kind, self.model, "encoder", cache, self.sam_options)
         out = samreg(fixed, moving, seg, enc, self.roi_options, self.fit_options)
         return _result(self.name, self.parameters(), out.field, out.pairs, out.timings, out.fit_report)
 

@@ -32,7 +32,8 @@ def shipped_weights(dimension: int) -> Path:
     """Path of the packaged model for 2D or 3D images."""
     path = Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(f"gradicon_{dimension}d.pt")))
     if not path.is_file():
-        raise FmregError(f"fmreg ships no {dimension}D gradicon model: pass --param weights=PATH")
+        raise FmregError(f"fmreg ships no {dimension}D gradicon model yet (docs/benchmarks.md says why): train one with "
+                         f"`fmreg train --synthetic {dimension}d` and pass --param weights=RUN/checkpoint.pt")
     return path
 
 

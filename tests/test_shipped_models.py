@@ -1,0 +1,42 @@
+"""The models shipped inside the package: present, documented, never trained on evaluation pairs."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmreg import phantoms
+from fmreg.errors import FmregError
+from fmreg.methods.gradicon import GradICONMethod, shipped_weights
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_the_2d_gradicon_model_and_its_card_ship_with_fmreg():
+    weights = shipped_weights(2)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["model"] == "gradicon" and card["dimension"] == 2
+    # Trained on synthetic data only: no pair of ../shared/data/pairs.csv was seen.
+    assert card["data"].startswith("synthetic 2D pairs") and "manifests" not in card["data"]
+    assert card["config"]["manifests"] == [] and card["config"]["synthetic"] == 1.0
+    assert card["steps"] > 0 and card["wall_time_s"] > 0 and card["command"].startswith("fmreg train")
+    assert weights.stat().st_size < 10e6  # a few MB
+
+
+def test_gradicon_registers_the_2d_phantom_with_the_shipped_model():
+    pair = phantoms.make_pair(2, seed=0)
+    result = GradICONMethod(io_iterations=0).register(pair.fixed, pair.moving)
+    assert result.field.grid == pair.fixed.grid and torch.isfinite(result.field.data).all()
+    assert result.info["model"]["steps"] > 0  # the card travels with the result
+
+
+def test_3d_without_a_shipped_model_is_a_one_line_error_that_says_what_to_do():
+    folder = Path(str(resources.files("fmreg.nn.weights")))
+    if (folder / "gradicon_3d.pt").exists():
+        pytest.skip("a 3D model ships now")
+    with pytest.raises(FmregError, match=r"ships no 3D gradicon model yet .*fmreg train --synthetic 3d"):
+        shipped_weights(3)

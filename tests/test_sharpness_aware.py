@@ -27,7 +27,7 @@ def _one_step(adaptive: bool, rho: float) -> torch.Tensor:
         return loss
 
     loss = opt.step(closure)
-    assert float(loss) == pytest.approx(0.5 * (3 + 4))  # the loss at w, not at w + e
+    assert float(loss.detach()) == pytest.approx(0.5 * (3 + 4))  # the loss at w, not at w + e
     return w.detach()
 
 

@@ -271,5 +271,5 @@ def test_objective_terms_weights_and_gradients():
 
 
 def test_default_weights_are_the_published_ones():
-    assert DEFAULT_WEIGHTS == {"ncc": 4.0, "diffusion": 1.0, "dice": 1.0, "contour": 0.1, "contrastive": 0.01,
+    assert DEFAULT_WEIGHTS == {"ncc": 4.0, "diffusion": 1.0, "dice": 1.0, "contour": 0.001, "contrastive": 0.01,
                                "alignment": 0.01}

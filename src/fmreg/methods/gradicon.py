@@ -43,21 +43,13 @@ def load_network(weights: str | Path, dimension: int) -> tuple[GradICON, tuple[i
     uniGradICON's ``Step_2_final.trch`` (a bare ``regis_net`` state_dict) gets the released
     architecture and its 175³ input size.
     """
-    from fmreg.training.checkpoint import load_checkpoint, load_weights, model_weights
-    from fmreg.training.config import TrainConfig
+    from fmreg.training.checkpoint import load_checkpoint, load_trained, load_weights, model_weights
 
     loaded = load_checkpoint(weights)
-    if "config" in loaded:
-        config = TrainConfig.from_dict(loaded["config"])
-        if config.model != "gradicon":
-            raise FmregError(f"{weights} is a {config.model} checkpoint; --method gradicon needs a gradicon one")
-        down, up = config.widths()
-        net = GradICON(config.dimension, down, up, levels=config.levels, last_step=config.last_step)
-        size = tuple(config.size)
-    else:
-        net, size = GradICON(dimension), (175,) * dimension
-    if net.dimension != dimension:
-        raise FmregError(f"{weights} is a {net.dimension}D model; the images are {dimension}D")
+    net, config = load_trained(loaded, str(weights), "gradicon", dimension)
+    if net is not None:
+        return net, tuple(config["size"])
+    net, size = GradICON(dimension), (175,) * dimension
     load_weights(net.regis_net, model_weights(loaded), str(weights))
     return net.eval(), size
 

@@ -28,20 +28,12 @@ from fmreg.nn.images import network_input, physical_field
 
 def load_mask_guided(weights: str | Path, dimension: int):
     """A fresh mask-guided network, its input size and its mask channel count from a checkpoint."""
-    from fmreg.training.checkpoint import load_checkpoint, load_weights
-    from fmreg.training.config import TrainConfig, build_model
+    from fmreg.training.checkpoint import load_checkpoint, load_trained
 
-    loaded = load_checkpoint(weights)
-    if "config" not in loaded:
+    net, config = load_trained(load_checkpoint(weights), str(weights), "mask-guided", dimension)
+    if net is None:
         raise FmregError(f"{weights} is not a checkpoint of fmreg train --model mask-guided")
-    config = TrainConfig.from_dict(loaded["config"])
-    if config.model != "mask-guided":
-        raise FmregError(f"{weights} is a {config.model} checkpoint; --method mask-guided needs a mask-guided one")
-    if config.dimension != dimension:
-        raise FmregError(f"{weights} is a {config.dimension}D model; the images are {dimension}D")
-    net = build_model(config)
-    load_weights(net, loaded["model"], str(weights))
-    return net.eval(), tuple(config.size), config.mask_channels
+    return net, tuple(config["size"]), config["mask_channels"]
 
 
 def mask_channels(masks: list[Tensor], image: Image, size: tuple[int, ...], channels: int) -> Tensor:

@@ -62,3 +62,37 @@ def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: s
     if missing:
         raise FmregError(f"{source} is not a compatible checkpoint: missing key '{missing[0]}'")
     network.load_state_dict(weights, strict=True)
+
+
+def load_trained(loaded: dict[str, Any], source: str, kind: str,
+                 dimension: int) -> tuple[nn.Module | None, dict[str, Any] | None]:
+    """A fresh ``kind`` network with the weights of a checkpoint of ``fmreg train``, in eval mode.
+
+    Global random state is left alone (registration must not reseed the caller's torch).
+
+    Args:
+        loaded: The file's content (:func:`load_checkpoint`).
+        source: The file's name, for messages.
+        kind: The model kind the caller needs (``gradicon`` or ``mask-guided``).
+        dimension: Dimensionality of the images to register.
+
+    Returns:
+        The network and the run's configuration (as stored), or ``(None, None)`` for a file that
+        is not a checkpoint of ``fmreg train`` (a bare ``state_dict``), for the caller to handle.
+
+    Raises:
+        FmregError: Another model kind, another dimensionality, or weights that do not fit.
+    """
+    from fmreg.training.config import TrainConfig, make_model
+
+    if "config" not in loaded:
+        return None, None
+    config = TrainConfig.from_dict(loaded["config"])
+    if config.model != kind:
+        raise FmregError(f"{source} is a {config.model} checkpoint; --method {kind} needs a {kind} one")
+    if config.dimension != dimension:
+        raise FmregError(f"{source} is a {config.dimension}D model; the images are {dimension}D")
+    net = make_model(config)
+    target = net.regis_net if kind == "gradicon" else net
+    load_weights(target, model_weights(loaded) if kind == "gradicon" else loaded["model"], source)
+    return net.eval(), loaded["config"]

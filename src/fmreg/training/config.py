@@ -143,9 +143,8 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def build_model(config: TrainConfig) -> torch.nn.Module:
-    """The network of ``config``, seeded (same seed, same initial weights)."""
-    torch.manual_seed(config.seed)
+def make_model(config: TrainConfig) -> torch.nn.Module:
+    """The network of ``config`` (weights from torch's current random state)."""
     if config.model == "mask-guided":
         from fmreg.nn.mask_guided import MaskGuidedNet
 
@@ -153,6 +152,12 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
         return MaskGuidedNet(config.dimension, config.mask_channels, widths, fusion=config.fusion)
     down, up = config.widths()
     return GradICON(config.dimension, down, up, levels=config.levels, last_step=config.last_step)
+
+
+def build_model(config: TrainConfig) -> torch.nn.Module:
+    """The network of ``config`` for training, seeded (same seed, same initial weights)."""
+    torch.manual_seed(config.seed)
+    return make_model(config)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer | SharpnessAware:

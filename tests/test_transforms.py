@@ -43,6 +43,12 @@ def test_affine_from_physical_maps_every_voxel_to_its_physical_image(grid):
     assert_close(u.data, (expected - x).float(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("grid", [GRID2, GRID3], ids=["2d", "3d"])
+def test_affine_to_physical_gives_back_the_physical_map(grid):
+    h = _rotation_mm(grid.ndim)
+    np.testing.assert_allclose(AffineTransform.from_physical(h, grid).to_physical(), h, atol=1e-5)
+
+
 def test_affine_inverse_undoes_it_and_the_identity_is_exact():
     t = AffineTransform.from_physical(_rotation_mm(3), GRID3)
     both = SequentialTransform(t, t.inverse())

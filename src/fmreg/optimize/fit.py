@@ -26,6 +26,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -153,6 +154,11 @@ class FitReport:
     image_term: dict | None = None
 
 
+def finest_level(opt: FitOptions, grids: Sequence[Grid]) -> int:
+    """Index of the finest pyramid level the fit optimises (levels over ``max_fit_voxels`` are not)."""
+    return max(lv for lv, g in enumerate(grids) if lv == 0 or g.numel <= opt.max_fit_voxels)
+
+
 def plan_stages(opt: FitOptions, grids: Sequence[Grid], n_pairs: int, verify: bool) -> list[Stage]:
     """The stages of a fit, in order (see the module docstring)."""
     iters = opt.iterations_per_level()
@@ -182,6 +188,7 @@ def fit_field(
     moving_image: Tensor | None = None,
     pair_weights: Tensor | None = None,
     slice_axis: int | None = None,
+    initial_affine: np.ndarray | None = None,
 ) -> tuple[DisplacementField, FitReport]:
     """Fit a diffeomorphic field to ROI pairs (and optionally the images).
 
@@ -200,6 +207,9 @@ def fit_field(
             fixed slice(s): the moving mask is extruded along the axis and the ROI terms are
             evaluated on the fixed mask's slices only. Otherwise a single-slice moving mask
             would fade under any through-plane motion and pin the heart's base in place.
+        initial_affine: ``(ndim+1, ndim+1)`` map of fixed physical mm to moving physical mm to
+            start from (e.g. picked by :func:`choose_start`); None starts as
+            ``options.initialize`` says.
 
     Returns:
         The fixed→moving displacement in physical mm on ``fixed_grid``, and a report.
@@ -218,7 +228,10 @@ def fit_field(
     fitter.set_pairs(fixed_masks, moving_masks, _pair_weights(pair_weights, k))
     if use_image:
         fitter.set_images(normalize(fixed_image, max_samples=200_000), normalize(moving_image, max_samples=200_000))
-    if opt.initialize == "moments" and fixed_image is not None and moving_image is not None:
+    if initial_affine is not None:
+        fitter.start_from_affine(np.asarray(initial_affine, dtype=np.float64))
+        report.initial_affine_mm = np.asarray(initial_affine).tolist()
+    elif opt.initialize == "moments" and fixed_image is not None and moving_image is not None:
         h = moments_affine(Image(fixed_image.float(), fixed_grid), Image(moving_image.float(), moving_grid))
         if h is not None:
             fitter.start_from_affine(h)
@@ -227,3 +240,45 @@ def fit_field(
     transform = fitter.run(plan_stages(opt, fitter.grids, k, verify))
     with torch.no_grad():
         return transform.field(fixed_grid), report
+
+
+
+
+#: A start other than the usual one must leave the images at least this many times less
+#: different (the fit's image term, finest optimised level, before the fit): the usual start is
+#: the simpler explanation, and look-alike regions of two subjects can vote for a global move
+#: that the images like only a little better. Chosen on the 12 pairs of ``pairs.csv`` and eight
+#: known-similarity pairs, confirmed on others (``docs/benchmarks.md``).
+START_MARGIN = 1.5
+
+
+@dataclass
+class StartChoice:
+    """The start :func:`choose_start` picked (``candidate`` or ``usual``), its ``(ndim+1,
+    ndim+1)`` physical affine (None: the usual start, which the fit finds itself) and both image
+    terms."""
+
+    name: str
+    affine: np.ndarray | None
+    terms: dict
+
+
+def choose_start(fixed: Image, moving: Image, candidate: np.ndarray, options: FitOptions | None = None) -> StartChoice:
+    """Start from ``candidate`` (a fixed → moving physical affine, e.g. the ROI consensus) or from
+    the usual start (``options.initialize``: the moments start where the images allow one, else
+    the identity): the candidate wins when the images disagree :data:`START_MARGIN` times less
+    under it."""
+    opt = options or FitOptions()
+    usual = None
+    if opt.initialize == "moments":
+        usual = moments_affine(Image(fixed.data.float(), fixed.grid), Image(moving.data.float(), moving.grid))
+    fitter = Fitter(opt, fixed.grid, moving.grid, FitReport(), slice_axis=None, use_image=True)
+    fitter.set_images(normalize(fixed.data, max_samples=200_000), normalize(moving.data, max_samples=200_000))
+    level = finest_level(opt, fitter.grids)
+    ident = np.eye(fixed.ndim + 1)
+    cand_term, usual_term = fitter.start_terms([np.asarray(candidate, dtype=np.float64), ident if usual is None else usual], level)
+    terms = {"candidate": round(cand_term, 6), "usual": round(usual_term, 6)}
+    if cand_term * START_MARGIN < usual_term:
+        log.info("fit: starting from the candidate global transform (image terms %s)", terms)
+        return StartChoice("candidate", np.asarray(candidate, dtype=np.float64), terms)
+    return StartChoice("usual", None if usual is None else usual, terms)

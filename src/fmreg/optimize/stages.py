@@ -152,6 +152,20 @@ class Fitter:
             self.report.image_term = {"metric": self.opt.image_metric, "start": round(start, 6), "end": round(end, 6)}
         return self.final_transform()
 
+    def start_terms(self, affines: list[np.ndarray], level_index: int) -> list[float]:
+        """The image term (see :meth:`_image_term`) on pyramid level ``level_index`` under each
+        physical fixed → moving affine (``(ndim+1, ndim+1)``, mm) with no deformation; the
+        fitter's own affine is kept."""
+        level, kept = self._image_level(level_index), self.affine
+        try:
+            out = []
+            for h in affines:
+                self.start_from_affine(h)
+                out.append(float(self._image_term(level)))
+            return out
+        finally:
+            self.affine = kept
+
     def _image_level(self, level_index: int) -> Level | None:
         """Both images on pyramid level ``level_index``, unsmoothed; None without the image term."""
         if not self.use_image:

@@ -40,6 +40,16 @@ class AffineTransform(Transform):
         h = torch.as_tensor(to_norm @ homogeneous @ np.linalg.inv(to_norm), dtype=torch.float32)
         return cls(h[:n, :n].contiguous(), h[:n, n].contiguous(), domain)
 
+    def to_physical(self) -> np.ndarray:
+        """The ``(ndim+1, ndim+1)`` float64 map of fixed physical mm to moving physical mm
+        (unbatched transforms; the inverse of :meth:`from_physical`)."""
+        n = self.ndim
+        h = np.eye(n + 1)
+        h[:n, :n] = self.matrix.detach().double().numpy()
+        h[:n, n] = self.offset.detach().double().numpy()
+        to_norm = self.domain.frame_matrix(Frame.PHYSICAL, Frame.NORMALIZED)
+        return np.linalg.inv(to_norm) @ h @ to_norm
+
     def map_normalized(self, points: Tensor) -> Tensor:
         if self.matrix.dim() == 2:
             return points @ self.matrix.T + self.offset

@@ -1,0 +1,105 @@
+"""SAMReg on real textures moved by known similarity transforms (fmreg.evaluate.known_transforms).
+
+Translations up to 15 % of the image, rotations up to 20°, scales 0.9-1.1, plus a smooth local
+field of 3 mm: beyond what the image term alone reaches from the identity, so the ROI
+correspondences have to carry the global move.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmreg.core.grid import Grid
+from fmreg.core.image import Image
+from fmreg.evaluate.known_transforms import (
+    SimilarityParams,
+    known_transform_pair,
+    random_similarity,
+    target_registration_error,
+)
+from fmreg.methods.base import get_method
+from fmreg.transforms.warp import warp
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SOURCES = {
+    "aerial": "2d/aerial/zh7_01_04_T.png",
+    "cell": "2d/cell/PNT1A_do_1_f00_01_01_T.png",
+    "lung": "2d/lung_ct/ct_scan_a2_s96.png",
+    "brain": "2d/brain_mr/brain_img_0_100.png",
+}
+
+
+def _pair(kind: str, seed: int):
+    from fmreg.io.images import read_image
+
+    path = SHARED / SOURCES[kind]
+    if not path.exists():
+        pytest.skip(f"{path} is not here (the shared data sits beside the repository)")
+    source = read_image(path)
+    crop = 0.75
+    extent = tuple(crop * n * s for n, s in zip(source.grid.size, source.grid.spacing))
+    params = random_similarity(np.random.default_rng(seed), extent, local_mm=3.0)
+    return known_transform_pair(source, params, crop=crop, seed=seed)
+
+
+# ---------------------------------------------------------------------------- the generator
+def test_the_fixed_image_is_the_moving_image_pulled_back_by_the_truth():
+    y, x = torch.meshgrid(torch.arange(60.0), torch.arange(80.0), indexing="ij")
+    source = Image(torch.sin(x / 5) * torch.cos(y / 7) + x / 40, Grid((60, 80), (1.0, 1.0)))
+    kp = known_transform_pair(source, SimilarityParams(12.0, 1.05, (3.0, -2.0), 1.5), crop=0.6, seed=3)
+    warped = warp(kp.moving, kp.truth).data
+    # Where T(x) is at least one pixel inside the moving crop (the source goes on beyond it).
+    mapped = kp.truth.mapped_points()
+    hi = torch.tensor(kp.moving.grid.size, dtype=mapped.dtype)[:, None, None] - 2
+    inside = ((mapped >= 1) & (mapped <= hi)).all(dim=0)
+    torch.testing.assert_close(warped[inside], kp.fixed.data[inside], atol=1e-4, rtol=0)
+    # The similarity part, checked at the crop centre (where the rotation has no effect).
+    centre = [(n - 1) // 2 for n in kp.truth.grid.shape]
+    assert kp.truth.data[:, centre[0], centre[1]].sub(torch.tensor([3.0, -2.0])).abs().max() <= 1.5 + 0.6
+
+
+def test_target_registration_error_of_the_truth_is_zero_and_of_the_identity_its_size():
+    y, x = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
+    kp = known_transform_pair(Image(x + y, Grid((40, 40))), SimilarityParams(0.0, 1.0, (4.0, 3.0)), crop=0.5)
+    assert target_registration_error(kp.truth, kp.truth)["mean"] == 0.0
+    from fmreg.transforms.displacement import DisplacementField
+
+    ident = target_registration_error(DisplacementField.identity(kp.truth.grid), kp.truth)
+    assert ident["mean"] == pytest.approx(5.0) and ident["identity_mean"] == pytest.approx(5.0)
+
+
+# ---------------------------------------------------------------------------- SAMReg
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(SOURCES))
+def test_samreg_recovers_most_of_a_large_similarity(kind):
+    """Measured (seed 1): TRE 3.7 px aerial, 0.9 brain, 0.9 cell, 4.2 lung, from 31-59 px at
+    the identity. The issue's 2 px holds for cell and brain only (docs/benchmarks.md)."""
+    kp = _pair(kind, seed=1)
+    result = get_method("samreg").register(kp.fixed, kp.moving)
+    tre = target_registration_error(result.field, kp.truth)
+    assert tre["identity_mean"] > 25.0
+    assert tre["mean"] < max(2.0, 0.12 * tre["identity_mean"]), tre
+    if kind == "cell":
+        assert tre["mean"] < 2.0, tre
+
+
+@pytest.mark.slow
+def test_without_the_roi_consensus_the_image_term_stays_far_away():
+    kp = _pair("cell", seed=1)
+    tre = target_registration_error(get_method("samreg", global_transform=False).register(kp.fixed, kp.moving).field,
+                                    kp.truth)
+    assert tre["mean"] > 5.0, tre
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["aerial", "cell"])
+def test_roi_pairs_alone_carry_most_of_the_move(kind):
+    """Image term off: only the ROI pairs (consensus start and pairs) move the image."""
+    kp = _pair(kind, seed=1)
+    result = get_method("samreg", image_weight=0.0, pair_source="consensus").register(kp.fixed, kp.moving)
+    tre = target_registration_error(result.field, kp.truth)
+    assert tre["mean"] < tre["identity_mean"] / 3, tre

@@ -4,6 +4,7 @@ per-method means, per-pair outputs, and bad manifests refused before any work.""
 from __future__ import annotations
 
 import csv
+import re
 import hashlib
 import importlib.util
 import json
@@ -125,7 +126,12 @@ def test_bench_writes_exact_columns_and_empty_cells(manifest, tmp_path, capsys):
             assert (out / m / n / "overview.png").exists() and (out / m / n / "result.json").exists()
     assert (out / "identity" / "pair2d" / "warped.png").exists()
     assert not list(tmp_path.glob(".fmreg-staging-*"))
-    assert "tables:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tables:" in printed
+    peaks = {m: max(float(r["peak_mem_mb"]) for r in rows if r["method"] == m) for m in METHODS}
+    for m in METHODS:
+        shown = re.search(rf"^{m}: .*peak memory up to (\d+) MiB$", printed, re.M)
+        assert shown and abs(int(shown.group(1)) - peaks[m]) <= 1
 
 
 @needs_report

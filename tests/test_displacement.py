@@ -116,3 +116,27 @@ def test_label_warp_keeps_values_and_smooth_option():
 def test_field_shape_checked():
     with pytest.raises(FmregError):
         DisplacementField(torch.zeros(2, 4, 4), Grid((4, 4, 4)))
+
+
+def test_jacobian_in_slabs_equals_the_whole(monkeypatch):
+    from fmreg.transforms import displacement as D
+
+    rng = np.random.default_rng(0)
+    grid = Grid((37, 29, 11), (0.7, 1.3, 2.0), (1.0, 2.0, 3.0), tuple(np.linalg.qr(rng.normal(size=(3, 3)))[0].ravel()))
+    u = D.DisplacementField(torch.from_numpy(rng.normal(size=(3, *grid.shape))).float(), grid)
+    whole = D.jacobian_determinant(u)
+    monkeypatch.setattr(D, "JACOBIAN_CHUNK_VOXELS", 29 * 11 * 3)  # slabs of 3 rows
+    torch.testing.assert_close(D.jacobian_determinant(u), whole, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+def test_sampling_in_slabs_equals_sampling_at_once(monkeypatch, mode):
+    from fmreg.core import sampling
+
+    grid = Grid((6, 20, 30), (0.7, 1.3, 2.0), (2.0, 3.0, -1.0))
+    data = torch.randn(2, *grid.shape, generator=torch.Generator().manual_seed(0))
+    points = grid.coordinates(Frame.PHYSICAL) + 2 * torch.randn(3, *grid.shape, generator=torch.Generator().manual_seed(1))
+    whole = sampling.sample(data, grid, points, mode)
+    monkeypatch.setattr(sampling, "SAMPLE_CHUNK_POINTS", 700)  # slabs of one slice
+    torch.testing.assert_close(sampling.sample(data, grid, points, mode), whole, atol=0, rtol=0)
+    torch.testing.assert_close(sampling.sample(data[0], grid, points, mode), whole[0], atol=0, rtol=0)

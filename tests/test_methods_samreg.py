@@ -245,3 +245,22 @@ def test_sam_masks_of_identical_images_pair_with_themselves(tiny_sam_dir):
         assert torch.equal(p.fixed_mask, p.moving_mask)
     assert out.field.grid == fixed.grid and bool(torch.isfinite(out.field.data).all())
     assert float(jacobian_determinant(out.field).min()) > 0
+
+
+def test_a_large_image_is_registered_on_a_resampled_copy_and_the_field_comes_back_full_size():
+    from fmreg.evaluate.known_transforms import SimilarityParams, known_transform_pair, target_registration_error
+    from fmreg.methods.samreg import MAX_WORKING_SIDE
+    from fmreg.optimize.pyramid import working_image
+
+    y, x = torch.meshgrid(torch.arange(1400.0), torch.arange(1500.0), indexing="ij")
+    blobs = sum(torch.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r**2)) * v
+                for cx, cy, r, v in [(400, 500, 90, 1.0), (1000, 450, 120, 0.6), (700, 950, 150, 0.8), (1150, 1050, 70, 0.4)])
+    source = Image(blobs + 0.1 * torch.sin(x / 37) * torch.cos(y / 23), Grid((1400, 1500), (0.5, 0.5)))
+    kp = known_transform_pair(source, SimilarityParams(0.0, 1.0, (6.0, -4.0)), crop=0.8)
+    small = working_image(kp.fixed, MAX_WORKING_SIDE)
+    assert max(small.grid.shape) == MAX_WORKING_SIDE and small.grid.spacing[0] > kp.fixed.grid.spacing[0]
+    result = get_method("samreg").register(kp.fixed, kp.moving)
+    assert result.field.grid == kp.fixed.grid
+    assert result.fit_report["working_shape"]["fixed"] == list(small.grid.shape)
+    assert all(p.grids is not None and tuple(p.fixed_mask.shape) == small.grid.shape for p in result.roi_pairs)
+    assert target_registration_error(result.field, kp.truth)["mean"] < 1.0

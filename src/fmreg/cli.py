@@ -271,7 +271,8 @@ has landmarks, else centroid TRE."""
         for m in method_means(res):
             print(
                 f"{m['method']}: mean Dice {_fmt(m['dice_mean'])}, folding {_fmt(m['folding_pct'])} %, "
-                f"{_fmt(m['seconds'], 2)} s per pair over {m['pairs']} pairs"
+                f"{_fmt(m['seconds'], 2)} s per pair over {m['pairs']} pairs, "
+                f"peak memory up to {_fmt(m['peak_mem_mb_max'], 0)} MiB"
             )
         print(f"tables: {res.outdir / 'results.csv'}, {res.outdir / 'results.md'}")
         return 0

@@ -125,7 +125,8 @@ def _md_cell(column: str, v: Any) -> str:
 
 
 def method_means(result: BenchResult) -> list[dict[str, Any]]:
-    """Per-method mean of every numeric column over the pairs where it is defined."""
+    """Per-method mean of every numeric column over the pairs where it is defined, and the
+    largest peak memory of any pair (``peak_mem_mb_max``)."""
     out = []
     methods = list(dict.fromkeys(r["method"] for r in result.rows))
     for m in methods:
@@ -134,6 +135,8 @@ def method_means(result: BenchResult) -> list[dict[str, Any]]:
         for c in result.columns[2:]:
             vals = [r[c] for r in rows if r.get(c) is not None]
             mean[c] = sum(vals) / len(vals) if vals else None
+        peaks = [r["peak_mem_mb"] for r in rows if r.get("peak_mem_mb") is not None]
+        mean["peak_mem_mb_max"] = max(peaks) if peaks else None
         out.append(mean)
     return out
 

@@ -202,9 +202,23 @@ def _write_outputs(
     )
     files = list(names.values())
     if result.roi_pairs is not None:
-        roi_pairs.save_roi_pairs(stage / "roi_pairs.png", case.fixed, case.moving, roi_pair_views(result))
+        fixed, moving = _images_of_pairs(case, result.roi_pairs)
+        roi_pairs.save_roi_pairs(stage / "roi_pairs.png", fixed, moving, roi_pair_views(result))
         files.append("roi_pairs.png")
     return files
+
+
+def _images_of_pairs(case: Case, pairs: list) -> tuple[Image, Image]:
+    """The fixed and moving images on the grids of the pairs' masks (resampled when a large image
+    was registered on a smaller copy, see :class:`~fmreg.correspond.pairs.RoiPair`)."""
+    grids = next((p.grids for p in pairs if p.grids is not None), None)
+    if grids is None:
+        return case.fixed, case.moving
+    from fmreg.core.grid import Frame
+    from fmreg.core.sampling import sample
+
+    return tuple(Image(sample(im.data, im.grid, g.coordinates(Frame.PHYSICAL), fill=None), g)
+                 for im, g in zip((case.fixed, case.moving), grids))
 
 
 def roi_pair_views(result: RegistrationResult) -> list:

@@ -38,6 +38,7 @@ from fmreg.segment.filtering import (
     MIN_SCORE,
     MIN_STABILITY,
     filter_proposals,
+    mask_areas,
 )
 
 __all__ = ["Correspondences", "RoiPair", "SamRegOptions", "find_correspondences", "find_roi_pairs", "label_roi_pairs"]
@@ -54,7 +55,9 @@ class RoiPair:
         moving_mask: ``(*moving.grid.shape)`` bool mask in the moving image.
         similarity: Prototype similarity in [0, 1] (1 for label pairs).
         fixed_slice, moving_slice: Slice index along the through-plane axis (3D), else None.
-        source: ``"match"`` or ``"labels:<value>"``.
+        source: ``"match"``, ``"consensus"`` or ``"labels:<value>"``.
+        grids: ``(fixed grid, moving grid)`` of the masks when they are not the images' own (a
+            large image registered on a resampled copy), else None.
     """
 
     fixed_mask: Tensor
@@ -63,10 +66,13 @@ class RoiPair:
     fixed_slice: int | None = None
     moving_slice: int | None = None
     source: str = "match"
+    grids: tuple[Grid, Grid] | None = None
 
     def summary(self, fixed_grid: Grid, moving_grid: Grid) -> dict:
         """JSON-ready: similarity, sizes (voxels, and ``*_area_mm2`` in 2D or ``*_volume_mm3`` in
-        3D), physical centroids (mm)."""
+        3D), physical centroids (mm). ``grids`` (when set) overrides the grids given."""
+        if self.grids is not None:
+            fixed_grid, moving_grid = self.grids
         fixed_voxel = float(np.prod(fixed_grid.spacing))
         moving_voxel = float(np.prod(moving_grid.spacing))
         # The key carries the unit: a 3D ROI (a one-voxel-thick slab for a slice ROI) has a
@@ -302,8 +308,8 @@ def _plausible(
         xy = fixed_c.flip(1).double() @ torch.as_tensor(global_matrix[:2, :2]).T + torch.as_tensor(global_matrix[:2, 2])
         fixed_c = xy.flip(1).float()
     shift = torch.cdist(_slice_centroids_mm(moving_masks, geo.spacing_moving), fixed_c)
-    area_m = moving_masks.flatten(1).sum(1).float() * float(np.prod(geo.spacing_moving))
-    area_f = fixed_masks.flatten(1).sum(1).float() * float(np.prod(geo.spacing_fixed))
+    area_m = mask_areas(moving_masks).float() * float(np.prod(geo.spacing_moving))
+    area_f = mask_areas(fixed_masks).float() * float(np.prod(geo.spacing_fixed))
     ratio = torch.maximum(area_m[:, None] / area_f[None], area_f[None] / area_m[:, None])
     return (shift <= opt.max_shift_frac * geo.fov) & (ratio <= opt.max_area_ratio)
 

@@ -61,13 +61,20 @@ def roi_prototypes(features: Tensor, masks: Tensor) -> Tensor:
     if masks.ndim != 3:
         raise FmregError(f"ROI masks must be (K, H, W), got shape {tuple(masks.shape)}")
     c, fh, fw = features.shape
-    weights = resize_masks(masks, (fh, fw)).reshape(masks.shape[0], fh * fw)
-    total = weights.sum(dim=1)
+    feats = features.float().reshape(c, -1)
+    sums, totals = [], []
+    # Blocks of masks: their float weights at full size would take K × H × W floats at once.
+    for i in range(0, masks.shape[0], 16):
+        weights = resize_masks(masks[i : i + 16], (fh, fw)).reshape(-1, fh * fw)
+        sums.append(weights @ feats.T)
+        totals.append(weights.sum(dim=1))
+    if not sums:
+        return feats.new_zeros((0, c))
+    total = torch.cat(totals)
     empty = torch.nonzero(total <= 0).flatten().tolist()
     if empty:
         raise FmregError(
             f"ROI masks {empty[:10]} are empty: drop empty masks (filter_proposals) before "
             "computing prototypes"
         )
-    feats = features.float().reshape(c, -1)
-    return (weights @ feats.T) / total[:, None]
+    return torch.cat(sums) / total[:, None]

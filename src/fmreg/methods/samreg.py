@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
-from fmreg.core.grid import through_plane_axis
+from fmreg.core.grid import Frame, through_plane_axis
+from fmreg.core.intensity import resize
 from fmreg.core.image import Image, check_pair
 from fmreg.correspond.pairs import Correspondences, RoiPair, SamRegOptions, find_correspondences, label_roi_pairs
 from fmreg.errors import FmregError
@@ -36,6 +37,7 @@ from fmreg.methods.base import Extra, RegistrationResult, add_method
 from fmreg.methods.params import check_params, declare, with_defaults
 from fmreg.methods.samreg_params import FIT_PARAMS, MEDSAM_BACKEND_PARAMS, ROI_PARAMS, SAM_BACKEND_PARAMS
 from fmreg.optimize.fit import FitOptions, choose_start, fit_field
+from fmreg.optimize.pyramid import working_image
 from fmreg.segment.base import Encoder, Segmenter
 from fmreg.segment.filtering import MIN_SCORE, MIN_STABILITY
 from fmreg.segment.medsam.model import INSTALL_HINT
@@ -102,11 +104,24 @@ def samreg(
     """
     check_pair(fixed, moving)
     timings: dict[str, float] = {}
-    found = find_correspondences(fixed, moving, segmenter, encoder, options, timings)
+    axis = through_plane_axis(fixed.grid) if fixed.ndim == 3 else None
+    work_fixed, work_moving = (working_image(im, MAX_WORKING_SIDE, axis) for im in (fixed, moving))
+    found = find_correspondences(work_fixed, work_moving, segmenter, encoder, options, timings)
     t = time.perf_counter()
-    pairs, u, report = _fit_from_best_start(fixed, moving, found, fit_options)
+    pairs, u, report = _fit_from_best_start(work_fixed, work_moving, found, fit_options)
+    if work_fixed is not fixed or work_moving is not moving:
+        u = DisplacementField(resize(u.to(Frame.PHYSICAL).data, fixed.grid.shape), fixed.grid)
+        pairs = [replace(p, grids=(work_fixed.grid, work_moving.grid)) for p in pairs]
+        report["working_shape"] = {"fixed": list(work_fixed.grid.shape), "moving": list(work_moving.grid.shape)}
     timings["fit"] = time.perf_counter() - t
     return SamRegResult(u, pairs, timings, report)
+
+
+#: In-plane sides above this are registered on a resampled copy (ROIs, prototypes and the fit)
+#: and the field is resampled back (the ROI pairs keep the copy's grids): the fit optimises at
+#: most ``max_fit_voxels`` per level anyway, and a 3000² photograph segmented at full size took
+#: 24 GB.
+MAX_WORKING_SIDE = 512
 
 
 def _fit_from_best_start(fixed: Image, moving: Image, found: Correspondences, fit_options: FitOptions | None):

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.intensity import resize
 from fmreg.core.sampling import sample
+
+if TYPE_CHECKING:
+    from fmreg.core.image import Image
 
 
 def level_grids(grid: Grid, levels: int) -> list[Grid]:
@@ -115,3 +120,29 @@ def lncc_window(grid: Grid, window_mm: float) -> list[int]:
     """Odd LNCC window edge per array axis: ``window_mm`` in voxels, at least 3."""
     return [max(3, int(round(window_mm / sp)) | 1) for sp in grid.spacing_array]
 
+
+
+def working_image(image: "Image", max_side: int, axis: int | None = None) -> "Image":
+    """``image`` resampled (anti-aliased) so that no in-plane side exceeds ``max_side`` voxels.
+
+    Args:
+        image: A 2D or 3D image.
+        max_side: Largest in-plane side kept.
+        axis: 3D: the through-plane array axis, never resampled (None for 2D).
+
+    Returns:
+        ``image`` itself when it is small enough, else a copy on ``image.grid.resized(...)`` (same
+        field of view, first and last voxel centres kept).
+    """
+    from fmreg.core.image import Image
+
+    shape = list(image.grid.shape)
+    in_plane = [a for a in range(len(shape)) if a != axis]
+    longest = max(shape[a] for a in in_plane)
+    if longest <= max_side:
+        return image
+    for a in in_plane:
+        shape[a] = max(2, int(round((shape[a] - 1) * (max_side - 1) / (longest - 1))) + 1)
+    grid = image.grid.resized(shape)
+    data = antialias(image.data.float(), image.grid, grid, 0.5)
+    return Image(resize(data[None], grid.shape)[0], grid)

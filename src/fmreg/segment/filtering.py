@@ -53,8 +53,39 @@ def _intersections(masks: Tensor) -> tuple[Tensor, Tensor]:
     The product runs in float32 (exact for counts below 2**24 px) and is then widened, so
     ratios like 80 / 100 compare exactly against thresholds like 0.8.
     """
-    flat = masks.reshape(masks.shape[0], -1).float()
-    return (flat @ flat.T).double(), flat.sum(1).double()
+    flat = masks.reshape(masks.shape[0], -1)
+    k = flat.shape[0]
+    inter = torch.zeros((k, k), dtype=torch.float64)
+    # Blocks of masks in float: a few hundred full-size masks at once would take gigabytes.
+    for i in range(0, k, _BLOCK):
+        a = flat[i : i + _BLOCK].float()
+        for j in range(i, k, _BLOCK):
+            b = a if j == i else flat[j : j + _BLOCK].float()
+            block = (a @ b.T).double()
+            inter[i : i + _BLOCK, j : j + _BLOCK] = block
+            inter[j : j + _BLOCK, i : i + _BLOCK] = block.T
+    return inter, mask_areas(masks).double()
+
+
+#: Masks handled together by the pairwise and per-mask reductions here: a few hundred full-size
+#: masks widened to float or int64 at once would take gigabytes.
+_BLOCK = 16
+
+
+def mask_areas(masks: Tensor) -> Tensor:
+    """``(K,)`` int64 pixel counts of ``(K, ...)`` bool masks (summed in blocks: a bool sum widens
+    the whole tensor to int64 first)."""
+    flat = masks.reshape(masks.shape[0], -1)
+    if flat.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.cat([flat[i : i + _BLOCK].sum(1) for i in range(0, flat.shape[0], _BLOCK)])
+
+
+def _blockwise(fn, masks: Tensor, *args) -> Tensor:
+    """``fn(masks, *args)`` over blocks of :data:`_BLOCK` masks, concatenated."""
+    if masks.shape[0] <= _BLOCK:
+        return fn(masks, *args)
+    return torch.cat([fn(masks[i : i + _BLOCK], *args) for i in range(0, masks.shape[0], _BLOCK)])
 
 
 def overlap_ratio(masks: Tensor) -> Tensor:
@@ -84,6 +115,10 @@ def border_outline_fraction(masks: Tensor) -> Tensor:
     Returns:
         ``(K,)`` float64 in [0, 1]; 0 for an empty mask.
     """
+    return _blockwise(_border_outline_fraction, masks)
+
+
+def _border_outline_fraction(masks: Tensor) -> Tensor:
     m = masks.bool()
     p = torch.nn.functional.pad(m, (1, 1, 1, 1))
     interior = p[:, 1:-1, 1:-1] & p[:, :-2, 1:-1] & p[:, 2:, 1:-1] & p[:, 1:-1, :-2] & p[:, 1:-1, 2:]
@@ -105,6 +140,10 @@ def background_fraction(masks: Tensor, object_mask: Tensor) -> Tensor:
     Returns:
         ``(K,)`` float64 in [0, 1]; 0 for an empty mask.
     """
+    return _blockwise(_background_fraction, masks, object_mask)
+
+
+def _background_fraction(masks: Tensor, object_mask: Tensor) -> Tensor:
     m = masks.bool()
     outside = (m & ~object_mask.bool()[None]).flatten(1).sum(1).double()
     return outside / m.flatten(1).sum(1).double().clamp_min(1)
@@ -164,7 +203,7 @@ def filter_proposals(
     if k == 0:
         return props
     masks = masks.bool()
-    area = masks.reshape(k, -1).sum(1)
+    area = mask_areas(masks)
     n_px = h * w
     # Small tolerance so that a bound given as e.g. 200/40000 keeps exactly 200 px.
     eps = 1e-9 * n_px

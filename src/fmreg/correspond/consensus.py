@@ -143,15 +143,23 @@ def _candidates(fixed: RegionMoments, moving: RegionMoments, top_k: int, slice_r
 
 def _overlap(matrices: np.ndarray, cf: np.ndarray, covf: np.ndarray, cm: np.ndarray, covm: np.ndarray) -> np.ndarray:
     """Bhattacharyya coefficient ``(H, N)`` of the fixed ellipses mapped by ``(H, 3, 3)``
-    similarities and the moving ellipses (``cf``/``cm``: ``(N, 2)``; ``covf``/``covm``: ``(N, 2, 2)``)."""
+    similarities and the moving ellipses (``cf``/``cm``: ``(N, 2)``; ``covf``/``covm``: ``(N, 2, 2)``).
+
+    Closed-form 2×2 algebra (determinants and inverses of symmetric matrices), vectorised
+    over hypotheses and candidates: the search evaluates millions of pairs.
+    """
     a, t = matrices[:, None, :2, :2], matrices[:, None, :2, 2]
     mu = np.einsum("hnij,nj->hni", a, cf) + t
     sig1 = a @ covf[None] @ np.swapaxes(a, -1, -2)
-    sig = (sig1 + covm[None]) / 2
-    d = mu - cm[None]
-    inv = np.linalg.inv(sig)
-    maha = np.einsum("hni,hnij,hnj->hn", d, inv, d) / 8
-    logdet = np.log(np.linalg.det(sig)) - 0.5 * (np.log(np.linalg.det(sig1)) + np.log(np.linalg.det(covm))[None])
+    s00 = (sig1[..., 0, 0] + covm[None, :, 0, 0]) / 2
+    s01 = (sig1[..., 0, 1] + covm[None, :, 0, 1]) / 2
+    s11 = (sig1[..., 1, 1] + covm[None, :, 1, 1]) / 2
+    det = s00 * s11 - s01 * s01
+    dx, dy = mu[..., 0] - cm[None, :, 0], mu[..., 1] - cm[None, :, 1]
+    maha = (s11 * dx * dx - 2 * s01 * dx * dy + s00 * dy * dy) / det / 8
+    det1 = sig1[..., 0, 0] * sig1[..., 1, 1] - sig1[..., 0, 1] ** 2
+    detm = covm[:, 0, 0] * covm[:, 1, 1] - covm[:, 0, 1] ** 2
+    logdet = np.log(det) - 0.5 * (np.log(det1) + np.log(detm)[None])
     return np.exp(-maha - 0.5 * logdet)
 
 

@@ -39,10 +39,13 @@ def level_grids(grid: Grid, levels: int) -> list[Grid]:
 def control_shape(grid: Grid, spacing: float) -> list[int]:
     """Shape of a control grid over ``grid``'s extent with about ``spacing`` mm between points.
 
-    An axis shorter than two control spacings keeps every voxel of ``grid``.
+    An axis shorter than two control spacings keeps every voxel of ``grid``; no axis gets more
+    control points than ``grid`` has voxels.
     """
+    # Never more control points than the level has voxels: on coarse levels (and along the few
+    # slices of a cardiac stack) a finer control grid adds integration cost, not detail.
     return [
-        n if sp * (n - 1) < 2 * spacing else max(2, int(math.ceil(sp * (n - 1) / spacing)) + 1)
+        n if sp * (n - 1) < 2 * spacing else min(n, max(2, int(math.ceil(sp * (n - 1) / spacing)) + 1))
         for n, sp in zip(grid.shape, grid.spacing_array)
     ]
 

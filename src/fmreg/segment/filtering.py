@@ -54,22 +54,29 @@ def _intersections(masks: Tensor) -> tuple[Tensor, Tensor]:
     ratios like 80 / 100 compare exactly against thresholds like 0.8.
     """
     flat = masks.reshape(masks.shape[0], -1)
-    k = flat.shape[0]
+    k, n = flat.shape
     inter = torch.zeros((k, k), dtype=torch.float64)
     # Blocks of masks in float: a few hundred full-size masks at once would take gigabytes.
-    for i in range(0, k, _BLOCK):
-        a = flat[i : i + _BLOCK].float()
-        for j in range(i, k, _BLOCK):
-            b = a if j == i else flat[j : j + _BLOCK].float()
+    step = _block(n)
+    for i in range(0, k, step):
+        a = flat[i : i + step].float()
+        for j in range(i, k, step):
+            b = a if j == i else flat[j : j + step].float()
             block = (a @ b.T).double()
-            inter[i : i + _BLOCK, j : j + _BLOCK] = block
-            inter[j : j + _BLOCK, i : i + _BLOCK] = block.T
+            inter[i : i + step, j : j + step] = block
+            inter[j : j + step, i : i + step] = block.T
     return inter, mask_areas(masks).double()
 
 
-#: Masks handled together by the pairwise and per-mask reductions here: a few hundred full-size
-#: masks widened to float or int64 at once would take gigabytes.
-_BLOCK = 16
+#: Mask pixels (over all masks of a block) handled together by the pairwise and per-mask
+#: reductions here: a few hundred full-size masks widened to float or int64 at once would take
+#: gigabytes, and blocks of a few masks cost per-call overhead.
+_BLOCK_PIXELS = 1 << 22
+
+
+def _block(pixels_per_mask: int) -> int:
+    """Masks per block: :data:`_BLOCK_PIXELS` worth, at least 16."""
+    return max(16, _BLOCK_PIXELS // max(1, pixels_per_mask))
 
 
 def mask_areas(masks: Tensor) -> Tensor:
@@ -78,14 +85,16 @@ def mask_areas(masks: Tensor) -> Tensor:
     flat = masks.reshape(masks.shape[0], -1)
     if flat.shape[0] == 0:
         return torch.zeros(0, dtype=torch.int64)
-    return torch.cat([flat[i : i + _BLOCK].sum(1) for i in range(0, flat.shape[0], _BLOCK)])
+    step = _block(flat.shape[1])
+    return torch.cat([flat[i : i + step].sum(1) for i in range(0, flat.shape[0], step)])
 
 
 def _blockwise(fn, masks: Tensor, *args) -> Tensor:
-    """``fn(masks, *args)`` over blocks of :data:`_BLOCK` masks, concatenated."""
-    if masks.shape[0] <= _BLOCK:
+    """``fn(masks, *args)`` over blocks of masks (:func:`_block`), concatenated."""
+    step = _block(masks[0].numel() if masks.shape[0] else 1)
+    if masks.shape[0] <= step:
         return fn(masks, *args)
-    return torch.cat([fn(masks[i : i + _BLOCK], *args) for i in range(0, masks.shape[0], _BLOCK)])
+    return torch.cat([fn(masks[i : i + step], *args) for i in range(0, masks.shape[0], step)])
 
 
 def overlap_ratio(masks: Tensor) -> Tensor:

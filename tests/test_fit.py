@@ -438,3 +438,34 @@ def test_the_fit_recovers_the_shift_of_a_framed_texture_within_0_15_mm():
     u, report = fit_field(grid, _empty(grid), _empty(grid), grid, FitOptions(initialize="identity"), fixed, moving)
     assert report.fine_correlation > 0.99  # same texture: the fine settings are on
     assert_close(u.data[:, 16:-16, 16:-16].flatten(1).median(dim=1).values, torch.tensor([1.5, 0.0]), atol=0.15, rtol=0)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_slice_roi_terms_on_their_own_slices_equal_the_masked_volumes(axis):
+    """3D slice pairs: warping each ROI only on its fixed slice gives the same ROI loss as
+    warping whole volumes and masking them to that slice."""
+    from dataclasses import replace
+
+    from fmreg.core.sampling import identity_points
+    from fmreg.losses import roi_pair_loss
+    from fmreg.optimize.pyramid import Level, resample_masks
+    from fmreg.optimize.stages import Fitter
+
+    grid = Grid((6, 20, 24), (1.5, 1.5, 8.0)) if axis == 0 else Grid((20, 6, 24), (1.5, 8.0, 1.5))
+    gen = torch.Generator().manual_seed(0)
+    k = 4
+    fixed = torch.zeros(k, *grid.shape, dtype=torch.bool)
+    for i in range(k):
+        sl = [slice(None)] * 3
+        sl[axis] = i + 1
+        fixed[i][tuple(sl)] = torch.rand(*[n for d, n in enumerate(grid.shape) if d != axis], generator=gen) > 0.6
+    moving = torch.rand(k, *grid.shape, generator=gen) > 0.5
+    level = Level(grid)
+    resample_masks(level, fixed, moving, grid, axis)
+    assert level.pair_slices is not None and level.pair_slices.tolist() == [1, 2, 3, 4]
+    points = identity_points(grid.shape) + 0.05 * torch.randn(1, *grid.shape, 3, generator=gen)  # (1, *shape, 3)
+    weights = torch.full((k,), 1 / k)
+    sliced = roi_pair_loss(*Fitter._warped_rois(level, points), weights, 0.3, 0.7)
+    whole = roi_pair_loss(*Fitter._warped_rois(replace(level, pair_slices=None), points), weights, 0.3, 0.7)
+    assert_close(sliced.total, whole.total, rtol=1e-5, atol=1e-7)
+    assert_close(sliced.terms["dice"], whole.terms["dice"], rtol=1e-5, atol=1e-7)

@@ -79,6 +79,9 @@ class Level:
         fixed_masks, moving_masks: ``(K, *grid.shape)`` float ROI masks, or None without pairs;
             the moving masks are resampled from the moving grid through world coordinates.
         support: ``(K, *grid.shape)`` slices of each fixed slice ROI (3D slice pairs), or None.
+        pair_slices: ``(K,)`` the one slice (along ``slice_axis``) of each fixed slice ROI, or
+            None (no slice pairs, or a ROI on several slices of this level).
+        slice_axis: The array axis of ``pair_slices``.
         fixed_image, moving_image: ``(*grid.shape)`` intensities, or None without image term.
     """
 
@@ -86,6 +89,8 @@ class Level:
     fixed_masks: Tensor | None = None
     moving_masks: Tensor | None = None
     support: Tensor | None = None
+    pair_slices: Tensor | None = None
+    slice_axis: int | None = None
     fixed_image: Tensor | None = None
     moving_image: Tensor | None = None
 
@@ -106,7 +111,10 @@ def resample_masks(level: Level, fixed_masks: Tensor, moving_masks: Tensor, movi
         ax = slice_axis + 1
         mm = mm.amax(dim=ax, keepdim=True).expand_as(mm).contiguous()
         in_plane = tuple(d for d in range(1, grid.ndim + 1) if d != ax)
-        level.support = (fm.amax(dim=in_plane, keepdim=True) > 0.01).float().expand_as(fm)
+        on = fm.amax(dim=in_plane) > 0.01  # (K, n_slices)
+        level.support = on.float().reshape(fm.shape[0], *[n if d == ax else 1 for d, n in enumerate(fm.shape) if d]).expand_as(fm)
+        if bool((on.sum(dim=1) == 1).all()):
+            level.pair_slices, level.slice_axis = on.float().argmax(dim=1), slice_axis
     level.fixed_masks, level.moving_masks = fm, mm
 
 

@@ -227,7 +227,7 @@ class Fitter:
         """Drop the pairs the transform so far contradicts; False when none is left."""
         with torch.no_grad():
             loc = self.transform(velocity, level.grid).normalized_points(level.grid.shape)
-            dice = soft_dice(self._masked(_warp(level.moving_masks, loc), level), level.fixed_masks)
+            dice = soft_dice(*self._warped_rois(level, loc))
         keep = dice >= self.opt.verify_dice
         self.report.kept_pairs = [int(i) for i in torch.nonzero(keep).flatten()]
         weights = torch.where(keep, self.weights, torch.zeros_like(self.weights))
@@ -237,8 +237,22 @@ class Fitter:
         return bool(keep.any())
 
     @staticmethod
-    def _masked(warped: Tensor, level: Level) -> Tensor:
-        return warped if level.support is None else warped * level.support
+    def _warped_rois(level: Level, points: Tensor) -> tuple[Tensor, Tensor]:
+        """The moving ROI masks warped by ``(1, *shape, ndim)`` points and the fixed ones, where
+        the ROI terms look: everywhere, or (3D slice pairs) on each fixed ROI's own slice only.
+
+        Returns ``(K, *shape)`` pairs, or ``(K, *in-plane shape)`` when every slice ROI lies on one
+        slice of the level: the same sums and ratios as the masked volumes at a fraction of the cost.
+        """
+        if level.pair_slices is not None:
+            ax = level.slice_axis
+            idx = level.pair_slices
+            pts = points[0].index_select(ax, idx).movedim(ax, 0)  # (K, *in-plane, ndim)
+            warped = sample_normalized(level.moving_masks[:, None], pts[:, None])[:, 0, 0]
+            fixed = level.fixed_masks.movedim(ax + 1, 1)[torch.arange(len(idx)), idx]
+            return warped, fixed
+        warped = _warp(level.moving_masks, points)
+        return (warped if level.support is None else warped * level.support), level.fixed_masks
 
     def _run_stage(self, index: int, count: int, stage: Stage) -> bool:
         """Run one stage; False when the fit is to stop (no verified pair left)."""
@@ -314,8 +328,8 @@ class Fitter:
             zero = v.new_zeros(())
             record = LossRecord(zero, {"reg": zero}) if stage.affine else reg(v)
             if stage.roi:
-                warped = self._masked(_warp(level.moving_masks, points), level)
-                record = record + roi_pair_loss(warped, level.fixed_masks, self.weights, opt.mse_weight, opt.dice_weight)
+                warped, fixed = self._warped_rois(level, points)
+                record = record + roi_pair_loss(warped, fixed, self.weights, opt.mse_weight, opt.dice_weight)
                 if centroid is not None:
                     record = record + centroid(points)
             if self.use_image:

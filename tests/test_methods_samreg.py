@@ -264,3 +264,16 @@ def test_a_large_image_is_registered_on_a_resampled_copy_and_the_field_comes_bac
     assert result.fit_report["working_shape"]["fixed"] == list(small.grid.shape)
     assert all(p.grids is not None and tuple(p.fixed_mask.shape) == small.grid.shape for p in result.roi_pairs)
     assert target_registration_error(result.field, kp.truth)["mean"] < 1.0
+
+
+def test_working_image_keeps_the_slices_of_a_stack_and_the_field_of_view():
+    from fmreg.optimize.pyramid import working_image
+
+    grid = Grid((5, 900, 700), (0.4, 0.5, 6.0), (10.0, -3.0, 2.0))
+    image = Image(torch.rand(5, 900, 700, generator=torch.Generator().manual_seed(0)), grid)
+    small = working_image(image, 300, axis=0)
+    assert small.grid.shape == (5, 300, 233)  # 1 + round(699 · 299 / 899)
+    lo, hi = small.grid.coordinates(Frame.PHYSICAL)[:, 0, 0, 0], small.grid.coordinates(Frame.PHYSICAL)[:, -1, -1, -1]
+    assert_close(lo, grid.coordinates(Frame.PHYSICAL)[:, 0, 0, 0])
+    assert_close(hi, grid.coordinates(Frame.PHYSICAL)[:, -1, -1, -1])
+    assert working_image(image, 900, axis=0) is image

@@ -6,15 +6,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from box_masks import box as _box  # tests/ is on sys.path (rootdir-relative import)
 from fmreg.correspond.matching import Match, match_rois, similarity_matrix
 from fmreg.correspond.prototypes import resize_masks, roi_prototypes
 from fmreg.errors import FmregError
-
-
-def _box(shape, r0, r1, c0, c1):
-    m = torch.zeros(shape, dtype=torch.bool)
-    m[r0:r1, c0:c1] = True
-    return m
 
 
 # --------------------------------------------------------------------------- prototypes

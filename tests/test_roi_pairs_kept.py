@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from box_masks import box as _box  # tests/ is on sys.path (rootdir-relative import)
 from fmreg.app.register import roi_pair_views
 from fmreg.core.grid import Grid
 from fmreg.core.image import Image
@@ -20,12 +21,6 @@ from fmreg.segment.filtering import (
     filter_proposals,
 )
 from fmreg.transforms.displacement import DisplacementField
-
-
-def _box(shape, r0, r1, c0, c1):
-    m = torch.zeros(shape, dtype=torch.bool)
-    m[r0:r1, c0:c1] = True
-    return m
 
 
 def _result(n_pairs: int, kept) -> RegistrationResult:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from box_masks import box as _box  # tests/ is on sys.path (rootdir-relative import)
 from fmreg.errors import FmregError
 from fmreg.segment.base import RoiProposals
 from fmreg.segment.filtering import (
@@ -15,12 +16,6 @@ from fmreg.segment.filtering import (
     filter_proposals,
     overlap_ratio,
 )
-
-
-def _box(shape, r0, r1, c0, c1):
-    m = torch.zeros(shape, dtype=torch.bool)
-    m[r0:r1, c0:c1] = True
-    return m
 
 
 def _props(masks, scores, stability=None):

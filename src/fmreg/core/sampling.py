@@ -99,12 +99,11 @@ def sample(
     """
     ndim = grid.ndim
     squeeze = data.dim() == ndim
-    rows = points.shape[1] if points.dim() > 1 else 1
-    per_row = points[0].numel() // max(1, rows)
-    if points.dim() > 1 and rows > 1 and points[0].numel() > SAMPLE_CHUNK_POINTS:
+    if points.dim() > 1 and points.shape[1] > 1 and points[0].numel() > SAMPLE_CHUNK_POINTS:
         # In slabs along the first output axis: the float64 points and their index copies of a
         # 3000² image would take ~0.5 GB at once.
-        step = max(1, SAMPLE_CHUNK_POINTS // max(1, per_row))
+        rows = points.shape[1]
+        step = max(1, SAMPLE_CHUNK_POINTS // (points[0].numel() // rows))
         parts = [sample(data, grid, points[:, i : i + step], mode, fill) for i in range(0, rows, step)]
         return torch.cat(parts, dim=0 if squeeze else 1)
     x = (data[None] if squeeze else data)[None].to(torch.float32)

@@ -230,8 +230,9 @@ def consensus_similarity(fixed: RegionMoments, moving: RegionMoments, top_k: int
         seed: Seed of the sampling.
 
     Returns:
-        The best hypothesis, refined by weighted least squares on its agreeing candidates; the
-        identity when it scores at least as well or too few candidates agree.
+        The best hypothesis, refined by weighted least squares on the partners that agree with
+        it among all moving ROIs of the slices searched; the identity when it scores at least as
+        well or too few ROIs agree.
     """
     fj, mi, sim = _candidates(fixed, moving, top_k, slice_range)
     identity = np.eye(3)

@@ -152,6 +152,11 @@ class SamRegOptions:
     pair_source: str = "matched"
 
 
+#: Overlap above which the global search drops the lower-scoring of two proposals: only near
+#: duplicates go, nested regions of different size both vote.
+GLOBAL_MAX_OVERLAP = 0.9
+
+
 # ---------------------------------------------------------------------------- slices
 
 
@@ -232,7 +237,7 @@ def _analyse(
         light = RoiProposals.empty(tuple(img.shape))
         if opt.global_transform:
             light = filter_proposals(raw, min_area_frac=opt.global_min_area_frac, max_area_frac=opt.max_area_frac,
-                                     max_overlap=0.9, min_score=0.0, min_stability=0.0)
+                                     max_overlap=GLOBAL_MAX_OVERLAP, min_score=0.0, min_stability=0.0)
         if not len(props) and not len(light):
             return SliceRois(props, torch.zeros(0, 1), light, torch.zeros(0, 1))
         features = encoder.features(img)
@@ -378,10 +383,17 @@ def _consensus_pairs(match: GlobalMatch, f_an: list[SliceRois], m_an: list[Slice
     pairs = []
     for j, i, agree in zip(match.fixed_index, match.moving_index, match.agreement):
         (s, a), (s2, b) = fidx[j], midx[i]
-        pairs.append(RoiPair(_lift(f_an[s].candidates.masks[a], fixed.grid.shape, axis, s if axis is not None else None),
-                             _lift(m_an[s2].candidates.masks[b], moving.grid.shape, axis, s2 if axis is not None else None),
-                             float(agree), s if axis is not None else None, s2 if axis is not None else None, "consensus"))
+        pairs.append(_slice_pair(f_an[s].candidates.masks[a], m_an[s2].candidates.masks[b], s, s2, float(agree),
+                                 fixed, moving, axis, "consensus"))
     return pairs
+
+
+def _slice_pair(fixed_mask: Tensor, moving_mask: Tensor, s: int, s2: int, similarity: float, fixed: Image,
+                moving: Image, axis: int | None, source: str = "match") -> RoiPair:
+    """A pair of slice masks (fixed slice ``s``, moving slice ``s2``) lifted onto the images."""
+    threed = axis is not None
+    return RoiPair(_lift(fixed_mask, fixed.grid.shape, axis, s), _lift(moving_mask, moving.grid.shape, axis, s2),
+                   similarity, s if threed else None, s2 if threed else None, source)
 
 
 def find_correspondences(
@@ -444,26 +456,12 @@ def _matched_pairs(f_an: list[SliceRois], m_an: list[SliceRois], fixed: Image, m
         lo = max(0, s - opt.slice_range) if axis is not None else 0
         hi = min(len(m_an) - 1, s + opt.slice_range) if axis is not None else 0
         for j, s2, i, similarity in _match_slice(an, m_an, range(lo, hi + 1), geo, opt, matrix):
-            pairs.append(
-                RoiPair(
-                    _lift(an.props.masks[j], fixed.grid.shape, axis, s),
-                    _lift(m_an[s2].props.masks[i], moving.grid.shape, axis, s2),
-                    similarity,
-                    s if axis is not None else None,
-                    s2 if axis is not None else None,
-                )
-            )
+            pairs.append(_slice_pair(an.props.masks[j], m_an[s2].props.masks[i], s, s2, similarity, fixed, moving, axis))
     return pairs
 
 
-def find_roi_pairs(
-    fixed: Image,
-    moving: Image,
-    segmenter: Segmenter,
-    encoder: Encoder,
-    options: SamRegOptions | None = None,
-    timings: dict | None = None,
-) -> list[RoiPair]:
+def find_roi_pairs(fixed: Image, moving: Image, segmenter: Segmenter, encoder: Encoder,
+                   options: SamRegOptions | None = None, timings: dict | None = None) -> list[RoiPair]:
     """The ROI pairs of :func:`find_correspondences` without a global move (``local_pairs``)."""
     return find_correspondences(fixed, moving, segmenter, encoder, options, timings).local_pairs
 

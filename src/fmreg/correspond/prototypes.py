@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fmreg.errors import FmregError
+from fmreg.segment.filtering import mask_block
 
 __all__ = ["resize_masks", "roi_prototypes"]
 
@@ -64,8 +65,9 @@ def roi_prototypes(features: Tensor, masks: Tensor) -> Tensor:
     feats = features.float().reshape(c, -1)
     sums, totals = [], []
     # Blocks of masks: their float weights at full size would take K × H × W floats at once.
-    for i in range(0, masks.shape[0], 16):
-        weights = resize_masks(masks[i : i + 16], (fh, fw)).reshape(-1, fh * fw)
+    step = mask_block(masks[0].numel() if masks.shape[0] else 1)
+    for i in range(0, masks.shape[0], step):
+        weights = resize_masks(masks[i : i + step], (fh, fw)).reshape(-1, fh * fw)
         sums.append(weights @ feats.T)
         totals.append(weights.sum(dim=1))
     if not sums:

@@ -89,6 +89,13 @@ def fit_pairs(
     return u, asdict(report)
 
 
+#: In-plane sides above this are registered on a resampled copy (ROIs, prototypes and the fit)
+#: and the field is resampled back (the ROI pairs keep the copy's grids): the fit optimises at
+#: most ``max_fit_voxels`` per level anyway, and a 3000² photograph segmented at full size took
+#: 24 GB.
+MAX_WORKING_SIDE = 512
+
+
 def samreg(
     fixed: Image,
     moving: Image,
@@ -117,13 +124,6 @@ def samreg(
     return SamRegResult(u, pairs, timings, report)
 
 
-#: In-plane sides above this are registered on a resampled copy (ROIs, prototypes and the fit)
-#: and the field is resampled back (the ROI pairs keep the copy's grids): the fit optimises at
-#: most ``max_fit_voxels`` per level anyway, and a 3000² photograph segmented at full size took
-#: 24 GB.
-MAX_WORKING_SIDE = 512
-
-
 def _fit_from_best_start(fixed: Image, moving: Image, found: Correspondences, fit_options: FitOptions | None):
     """Fit from the ROI consensus (with the pairs gated after it) when the images agree with it
     clearly better than with the usual start (:func:`~fmreg.optimize.fit.choose_start`), else
@@ -140,7 +140,8 @@ def _fit_from_best_start(fixed: Image, moving: Image, found: Correspondences, fi
     if choice.name == "candidate":
         u, report = fit_pairs(fixed, moving, found.global_pairs, opt, choice.affine)
         return found.global_pairs, u, _with_consensus(report, found, "consensus", choice.terms)
-    u, report = fit_pairs(fixed, moving, found.local_pairs, opt)
+    # choose_start already found the moments start, when there is one; the fit need not redo it.
+    u, report = fit_pairs(fixed, moving, found.local_pairs, opt, choice.affine)
     return found.local_pairs, u, _with_consensus(report, found, "usual", choice.terms)
 
 

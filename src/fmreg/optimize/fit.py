@@ -242,8 +242,6 @@ def fit_field(
         return transform.field(fixed_grid), report
 
 
-
-
 #: A start other than the usual one must leave the images at least this many times less
 #: different (the fit's image term, finest optimised level, before the fit): the usual start is
 #: the simpler explanation, and look-alike regions of two subjects can vote for a global move
@@ -255,8 +253,7 @@ START_MARGIN = 1.5
 @dataclass
 class StartChoice:
     """The start :func:`choose_start` picked (``candidate`` or ``usual``), its ``(ndim+1,
-    ndim+1)`` physical affine (None: the usual start, which the fit finds itself) and both image
-    terms."""
+    ndim+1)`` physical affine (None: the usual start is the identity) and both image terms."""
 
     name: str
     affine: np.ndarray | None
@@ -269,16 +266,16 @@ def choose_start(fixed: Image, moving: Image, candidate: np.ndarray, options: Fi
     the identity): the candidate wins when the images disagree :data:`START_MARGIN` times less
     under it."""
     opt = options or FitOptions()
+    candidate = np.asarray(candidate, dtype=np.float64)
     usual = None
     if opt.initialize == "moments":
         usual = moments_affine(Image(fixed.data.float(), fixed.grid), Image(moving.data.float(), moving.grid))
     fitter = Fitter(opt, fixed.grid, moving.grid, FitReport(), slice_axis=None, use_image=True)
     fitter.set_images(normalize(fixed.data, max_samples=200_000), normalize(moving.data, max_samples=200_000))
-    level = finest_level(opt, fitter.grids)
-    ident = np.eye(fixed.ndim + 1)
-    cand_term, usual_term = fitter.start_terms([np.asarray(candidate, dtype=np.float64), ident if usual is None else usual], level)
+    starts = [candidate, np.eye(fixed.ndim + 1) if usual is None else usual]
+    cand_term, usual_term = fitter.start_terms(starts, finest_level(opt, fitter.grids))
     terms = {"candidate": round(cand_term, 6), "usual": round(usual_term, 6)}
     if cand_term * START_MARGIN < usual_term:
         log.info("fit: starting from the candidate global transform (image terms %s)", terms)
-        return StartChoice("candidate", np.asarray(candidate, dtype=np.float64), terms)
-    return StartChoice("usual", None if usual is None else usual, terms)
+        return StartChoice("candidate", candidate, terms)
+    return StartChoice("usual", usual, terms)

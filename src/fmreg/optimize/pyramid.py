@@ -132,7 +132,6 @@ def lncc_window(grid: Grid, window_mm: float) -> list[int]:
     return [max(3, int(round(window_mm / sp)) | 1) for sp in grid.spacing_array]
 
 
-
 def working_image(image: "Image", max_side: int, axis: int | None = None) -> "Image":
     """``image`` resampled (anti-aliased) so that no in-plane side exceeds ``max_side`` voxels.
 

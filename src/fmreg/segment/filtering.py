@@ -25,6 +25,8 @@ __all__ = [
     "background_fraction",
     "border_outline_fraction",
     "filter_proposals",
+    "mask_areas",
+    "mask_block",
     "overlap_ratio",
 ]
 
@@ -57,7 +59,7 @@ def _intersections(masks: Tensor) -> tuple[Tensor, Tensor]:
     k, n = flat.shape
     inter = torch.zeros((k, k), dtype=torch.float64)
     # Blocks of masks in float: a few hundred full-size masks at once would take gigabytes.
-    step = _block(n)
+    step = mask_block(n)
     for i in range(0, k, step):
         a = flat[i : i + step].float()
         for j in range(i, k, step):
@@ -74,8 +76,8 @@ def _intersections(masks: Tensor) -> tuple[Tensor, Tensor]:
 _BLOCK_PIXELS = 1 << 22
 
 
-def _block(pixels_per_mask: int) -> int:
-    """Masks per block: :data:`_BLOCK_PIXELS` worth, at least 16."""
+def mask_block(pixels_per_mask: int) -> int:
+    """Masks per block of a mask stack processed piecewise: :data:`_BLOCK_PIXELS` worth, at least 16."""
     return max(16, _BLOCK_PIXELS // max(1, pixels_per_mask))
 
 
@@ -90,13 +92,13 @@ def mask_areas(masks: Tensor) -> Tensor:
         return torch.zeros(0, dtype=torch.int64)
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
-    step = _block(flat.shape[1])
+    step = mask_block(flat.shape[1])
     return torch.cat([flat[i : i + step].sum(1, dtype=torch.int32).long() for i in range(0, flat.shape[0], step)])
 
 
 def _blockwise(fn, masks: Tensor, *args) -> Tensor:
-    """``fn(masks, *args)`` over blocks of masks (:func:`_block`), concatenated."""
-    step = _block(masks[0].numel() if masks.shape[0] else 1)
+    """``fn(masks, *args)`` over blocks of masks (:func:`mask_block`), concatenated."""
+    step = mask_block(masks[0].numel() if masks.shape[0] else 1)
     if masks.shape[0] <= step:
         return fn(masks, *args)
     return torch.cat([fn(masks[i : i + step], *args) for i in range(0, masks.shape[0], step)])

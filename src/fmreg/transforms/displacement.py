@@ -143,8 +143,8 @@ def jacobian_determinant(field: DisplacementField) -> Tensor:
     for a in range(0, n0, rows):
         b = min(n0, a + rows)
         lo, hi = max(0, a - 1), min(n0, b + 1)
-        slab = u.data[:, lo:hi].double()
-        g = spatial_gradient(slab, u.grid) if (lo, hi) == (0, n0) else _slab_gradient(slab, u.grid)
+        # spatial_gradient takes its axis lengths from the data, so a slab needs no grid of its own.
+        g = spatial_gradient(u.data[:, lo:hi].double(), u.grid)
         out[a:b] = torch.linalg.det(eye + g[a - lo : a - lo + (b - a)]).to(torch.float32)
     return out
 
@@ -152,11 +152,6 @@ def jacobian_determinant(field: DisplacementField) -> Tensor:
 #: Voxels per slab of :func:`jacobian_determinant`.
 JACOBIAN_CHUNK_VOXELS = 1 << 20
 
-
-def _slab_gradient(slab: Tensor, grid: Grid) -> Tensor:
-    """:func:`spatial_gradient` of rows of a field (array axis 0 cut; spacing and direction are the grid's)."""
-    shape = (slab.shape[1], *grid.shape[1:])
-    return spatial_gradient(slab, Grid(shape, grid.spacing, grid.origin, grid.direction))
 
 
 # ---------------------------------------------------------------------------- as a transform

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fmreg.errors import FmregError
-from fmreg.segment.filtering import MAX_AREA_FRAC, MIN_AREA_FRAC, MIN_SCORE, MIN_STABILITY
+from fmreg.segment.filtering import MAX_AREA_FRAC, MIN_AREA_FRAC, MIN_SCORE, MIN_STABILITY, mask_areas
 from fmreg.segment.medsam.model import LiteMedSam, load_lite_medsam
 from fmreg.segment.medsam.prompts import distinct_boxes, grid_boxes, mask_prompt_boxes, preprocess
 from fmreg.segment.promptable import PromptableBackend
@@ -169,7 +169,7 @@ class LiteMedSamBackend(PromptableBackend):
 
                 self._classical = ClassicalSegmenter()
             props = self._classical.segment(image.cpu())  # sorted best score first
-            area = props.masks.flatten(1).float().mean(1)
+            area = mask_areas(props.masks).double() / image.numel()  # fraction of the slice
             # Regions outside SAMReg's ROI size range would only give ROIs its filter drops.
             props = props.select((area >= MIN_AREA_FRAC) & (area <= MAX_AREA_FRAC))
             candidates = mask_prompt_boxes(props.masks, resized_hw, self.box_margin)

@@ -341,6 +341,13 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
     mask_channels: int = arg("--mask-channels", help="mask-guided: ROI mask channels K", type=int, default=4, metavar="K")
     fusion: str = arg("--fusion", help="mask-guided: cross-fusion attention or convolutional fusion", default="attention",
                       choices=("attention", "conv"))
+    mask_source: str = arg("--mask-source", help="mask-guided: training masks from the synthetic label maps, "
+                           "the classical segmenter's ROI pairs, or either per pair", default="mixed",
+                           choices=("labels", "segmenter", "mixed"))
+    no_mask_inputs: bool = arg("--no-mask-inputs", help="mask-guided: the network sees empty mask channels "
+                               "(images-only baseline; the masks still enter the losses)", default=False, action="store_true")
+    loss_weight: list[str] | None = arg("--loss-weight", help="mask-guided: a loss weight (repeatable), e.g. contour=0; "
+                                        "names: ncc diffusion dice contour contrastive alignment", action="append", metavar="NAME=VALUE")
     manifest: list[str] | None = arg("--manifest", help="training pairs (repeatable; labels are not used)", action="append", metavar="CSV")
     synthetic: str | None = arg("--synthetic", help="synthetic pairs of this dimension", choices=("2d", "3d"))
     synthetic_share: float | None = arg("--synthetic-share", help="share of synthetic pairs per batch with --manifest (default 0.5)", type=float, metavar="F")
@@ -373,6 +380,8 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
         share = 1.0 if not self.manifest else (0.0 if not self.synthetic else (0.5 if self.synthetic_share is None else self.synthetic_share))
         width = self.width if self.width is not None else (1.0 if self.model == "mask-guided" else 0.25)
         return TrainConfig(model=self.model, mask_channels=self.mask_channels, fusion=self.fusion,
+                           mask_source=self.mask_source, mask_inputs=not self.no_mask_inputs,
+                           loss_weights=self._loss_weights(),
                            dimension=dim, size=tuple(self.size or (128,) * dim), width=width,
                            unet_levels=self.depth, optimizer=self.optimizer, rho=self.rho, lr=self.lr,
                            similarity=self.similarity,
@@ -380,6 +389,20 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
                            checkpoint_every=self.checkpoint_every,
                            seed=self.seed, synthetic=share, manifests=list(self.manifest or []), init=self.init,
                            validation=self.validate, validate_every=self.validate_every if self.validate else 0)
+
+    def _loss_weights(self) -> dict[str, float]:
+        from fmreg.errors import FmregError
+
+        weights = {}
+        for item in self.loss_weight or []:
+            name, sep, value = item.partition("=")
+            try:
+                weights[name.strip()] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise FmregError(f"--loss-weight takes NAME=VALUE (e.g. contour=0), got '{item}'")
+        return weights
 
     def run(self) -> int:
         from fmreg.app.train import train

@@ -50,6 +50,19 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> dict | Non
     return None
 
 
+def _load_init(model: torch.nn.Module, config: TrainConfig) -> None:
+    """``--init``: the weights of a checkpoint of this model kind (or uniGradICON's, for gradicon)."""
+    loaded = load_checkpoint(config.init)
+    stored = loaded.get("config")
+    kind = stored.get("model", "gradicon") if isinstance(stored, dict) else config.model
+    if kind != config.model:
+        raise FmregError(f"--init {config.init} is a {kind} checkpoint; --model {config.model} needs a {config.model} one")
+    if config.model == "gradicon":
+        load_weights(model.regis_net, model_weights(loaded), config.init)
+    else:
+        load_weights(model, loaded.get("model", loaded), config.init)
+
+
 def _resumed_config(ckpt: dict, steps: int | None) -> TrainConfig:
     """The checkpoint's configuration; only the number of steps may grow on resume."""
     config = TrainConfig.from_dict(ckpt["config"])
@@ -129,7 +142,7 @@ def train(
             trainer.restore(ckpt)
             log(f"resuming {run_dir} at step {trainer.state.step} of {config.steps}")
         elif config.init:
-            load_weights(trainer.model.regis_net, model_weights(load_checkpoint(config.init)), config.init)
+            _load_init(trainer.model, config)
             log(f"starting from the weights in {config.init}")
         run_dir.mkdir(parents=True, exist_ok=True)
         update, close = _progress(config, world, trainer.state.step, quiet)

@@ -67,6 +67,7 @@ def mask_guided_loss(
     spacing: Sequence[float] | None = None,
     tau: float = 0.1,
     ncc_sigma: float = 2.5,
+    mask_inputs: bool = True,
 ) -> LossRecord:
     """The objective of one batch.
 
@@ -80,6 +81,8 @@ def mask_guided_loss(
             (mm²) and diffusion ((mm/mm)², dimensionless) terms.
         tau: InfoNCE temperature.
         ncc_sigma: LNCC Gaussian window σ, voxels.
+        mask_inputs: False gives the network empty mask channels (the masks still enter the
+            losses): the images-only baseline of the ablation.
 
     Returns:
         Record: ``total`` (weighted sum) and terms ``ncc`` (the LNCC similarity), ``dice`` (mean
@@ -92,7 +95,8 @@ def mask_guided_loss(
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
     shape = tuple(fixed.shape[2:])
     spacing = tuple(float(s) for s in (spacing or (1.0,) * len(shape)))
-    out = network(moving, fixed, moving_masks, fixed_masks, return_features=True)
+    seen = (moving_masks, fixed_masks) if mask_inputs else (moving_masks * 0, fixed_masks * 0)
+    out = network(moving, fixed, *seen, return_features=True)
     points = identity_points(shape, out.displacement.dtype).to(out.displacement.device) + out.displacement.movedim(1, -1)
     warped = sample_normalized(moving, points, padding="border")
     # Zeros outside: no ROI lies beyond the moving image's field of view.

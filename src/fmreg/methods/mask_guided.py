@@ -27,13 +27,14 @@ from fmreg.nn.images import network_input, physical_field
 
 
 def load_mask_guided(weights: str | Path, dimension: int):
-    """A fresh mask-guided network, its input size and its mask channel count from a checkpoint."""
+    """A fresh mask-guided network, its input size, its mask channel count and whether it sees
+    masks (False: an images-only model of the ablation) from a checkpoint."""
     from fmreg.training.checkpoint import load_checkpoint, load_trained
 
     net, config = load_trained(load_checkpoint(weights), str(weights), "mask-guided", dimension)
     if net is None:
         raise FmregError(f"{weights} is not a checkpoint of fmreg train --model mask-guided")
-    return net, tuple(config["size"]), config["mask_channels"]
+    return net, tuple(config["size"]), config["mask_channels"], config.get("mask_inputs", True)
 
 
 def mask_channels(masks: list[Tensor], image: Image, size: tuple[int, ...], channels: int) -> Tensor:
@@ -44,6 +45,9 @@ def mask_channels(masks: list[Tensor], image: Image, size: tuple[int, ...], chan
     return out[None]
 
 
+SEGMENTERS = ("classical", "sam", "medsam")
+
+
 class MaskGuidedMethod:
     """Mask-guided network (paper 001) with SAMReg's matched ROI masks as extra inputs."""
 
@@ -51,14 +55,14 @@ class MaskGuidedMethod:
     uses_labels = False
 
     def __init__(self, weights: str | None = None, segmenter: str = "classical", model: str | None = None) -> None:
-        if segmenter not in ("classical", "sam"):
-            raise FmregError(f"unknown segmenter '{segmenter}': choose classical or sam")
+        if segmenter not in SEGMENTERS:
+            raise FmregError(f"unknown segmenter '{segmenter}': choose one of {', '.join(SEGMENTERS)}")
         self.weights, self.segmenter, self.model = weights, segmenter, model
 
     PARAMS = declare(__init__, {
         "weights": (None, "checkpoint of fmreg train --model mask-guided (null: the model shipped with fmreg)"),
-        "segmenter": (("classical", "sam"), "where the ROI masks come from (SAMReg's ROI pairs)"),
-        "model": (None, "Segment Anything model folder for segmenter=sam"),
+        "segmenter": (SEGMENTERS, "where the ROI masks come from (SAMReg's ROI pairs)"),
+        "model": (None, "Segment Anything model folder (sam) or LiteMedSAM weights file (medsam)"),
     })
 
     def parameters(self) -> dict[str, Any]:
@@ -85,8 +89,10 @@ class MaskGuidedMethod:
         check_pair(fixed, moving)
         weights = self._weights(fixed.ndim)
         t0 = time.perf_counter()
-        net, size, k = load_mask_guided(weights, fixed.ndim)
-        pairs = sorted(self._pairs(fixed, moving, fixed_labels, moving_labels), key=lambda p: -p.similarity)
+        net, size, k, sees_masks = load_mask_guided(weights, fixed.ndim)
+        pairs = []
+        if sees_masks:
+            pairs = sorted(self._pairs(fixed, moving, fixed_labels, moving_labels), key=lambda p: -p.similarity)
         t1 = time.perf_counter()
         fm = mask_channels([p.fixed_mask for p in pairs], fixed, size, k)
         mm = mask_channels([p.moving_mask for p in pairs], moving, size, k)

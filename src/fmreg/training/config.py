@@ -14,6 +14,8 @@ from fmreg.optimize.sharpness_aware import SharpnessAware
 MODELS = ("gradicon", "mask-guided")
 OPTIMIZERS = ("adam", "sharpness-aware", "adaptive-sharpness-aware")
 SIMILARITIES = ("lncc", "squared-lncc")
+#: Where a mask-guided run's training masks come from (see :class:`~fmreg.training.data.MaskChannels`).
+MASK_SOURCES = ("labels", "segmenter", "mixed")
 #: The paper-001 encoders' widths at 1, 1/2, 1/4 and 1/8 resolution.
 MASK_GUIDED_WIDTHS = (8, 16, 32, 64)
 #: Conventional ascent radii: SAM (Foret et al.) 0.05, ASAM (Kwon et al.) 0.5.
@@ -54,6 +56,13 @@ class TrainConfig:
             ``regis_net`` state_dict), or None.
         mask_channels: ``K``, ROI mask channels of a mask-guided model.
         fusion: Mask-guided fusion: ``attention`` (cross-fusion transformer) or ``conv``.
+        mask_source: Mask-guided training masks: ``labels`` (the synthetic label maps: exact),
+            ``segmenter`` (SAMReg's classical ROI pairs of the synthetic images: imperfect, as at
+            registration) or ``mixed`` (each pair either, with equal odds).
+        mask_inputs: False trains a mask-guided model that sees empty mask channels (the
+            ablation's images-only row; the masks still enter the losses).
+        loss_weights: Mask-guided loss weights that replace
+            :data:`~fmreg.losses.mask_guided.DEFAULT_WEIGHTS` entries.
     """
 
     model: str = "gradicon"
@@ -81,6 +90,9 @@ class TrainConfig:
     init: str | None = None
     mask_channels: int = 4
     fusion: str = "attention"
+    mask_source: str = "labels"
+    mask_inputs: bool = True
+    loss_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.size = tuple(int(s) for s in self.size)
@@ -114,8 +126,17 @@ class TrainConfig:
                              f"{self.unet_levels}-level U-Nets: every axis needs at least {min_size} voxels")
 
     def _check_mask_guided(self) -> None:
+        from fmreg.losses.mask_guided import DEFAULT_WEIGHTS
+
         if self.mask_channels < 1:
             raise FmregError(f"--mask-channels must be >= 1, got {self.mask_channels}")
+        if self.mask_source not in MASK_SOURCES:
+            raise FmregError(f"unknown mask source '{self.mask_source}': choose one of {', '.join(MASK_SOURCES)}")
+        for name, value in self.loss_weights.items():
+            if name not in DEFAULT_WEIGHTS:
+                raise FmregError(f"unknown loss weight '{name}': choose among {', '.join(DEFAULT_WEIGHTS)}")
+            if not (value >= 0 and value < float("inf")):
+                raise FmregError(f"--loss-weight {name} must be a finite value >= 0, got {value}")
         if self.synthetic < 1.0:
             raise FmregError("mask-guided training needs ROI masks, which only the synthetic pairs carry so far: "
                              "train with --synthetic only")

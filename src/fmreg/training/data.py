@@ -81,35 +81,69 @@ class MixedPairs:
         self.manifest.load_state_dict(state["manifest"])
 
 
+def segmenter_mask_pairs(moving: Tensor, fixed: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+    """``K`` matched ROI masks of one pair as registration would give them: SAMReg's classical ROI
+    pairs, by decreasing similarity (empty channels past the last pair).
+
+    Args:
+        moving, fixed: ``(1, *shape)`` images on one unit-spacing grid.
+        channels: ``K``.
+
+    Returns:
+        ``(moving_masks, fixed_masks)``, each ``(K, *shape)`` in {0, 1}.
+    """
+    from fmreg.core.grid import Grid
+    from fmreg.core.image import Image
+    from fmreg.correspond.pairs import find_roi_pairs
+    from fmreg.segment.classical import ClassicalEncoder, ClassicalSegmenter
+
+    shape = tuple(fixed.shape[1:])
+    grid = Grid(shape)
+    pairs = find_roi_pairs(Image(fixed[0].float(), grid), Image(moving[0].float(), grid),
+                           ClassicalSegmenter(), ClassicalEncoder())
+    pairs = sorted(pairs, key=lambda p: -p.similarity)[:channels]
+    mm, fm = torch.zeros((channels, *shape)), torch.zeros((channels, *shape))
+    for k, pair in enumerate(pairs):
+        mm[k], fm[k] = pair.moving_mask.float(), pair.fixed_mask.float()
+    return mm, fm
+
+
 class MaskChannels:
     """Pairs with ``K`` matched ROI mask channels, from a source of pairs with label maps.
 
-    The two label maps of a synthetic pair share one base map, so label ``j`` is the same
-    structure in both: mask channel ``k`` of both images holds one label drawn at random among
-    those present in the fixed map (an empty channel when there are fewer than ``K``).
+    With the label maps (exact masks): the two label maps of a synthetic pair share one base
+    map, so label ``j`` is the same structure in both; channel ``k`` of both images holds one
+    label drawn at random among those present in the fixed map (an empty channel when there are
+    fewer than ``K``). With the segmenter (imperfect masks, as the network gets them at
+    registration): :func:`segmenter_mask_pairs`. ``segmenter_share`` is the chance that a pair's
+    masks come from the segmenter.
     """
 
-    def __init__(self, source, channels: int, seed: int) -> None:
-        self.source, self.channels = source, channels
+    def __init__(self, source, channels: int, seed: int, segmenter_share: float = 0.0) -> None:
+        self.source, self.channels, self.segmenter_share = source, channels, segmenter_share
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _masks(self, moving_labels: Tensor, fixed_labels: Tensor) -> tuple[Tensor, Tensor]:
-        b = fixed_labels.shape[0]
-        shape = fixed_labels.shape[2:]
-        mm = torch.zeros((b, self.channels, *shape))
-        fm = torch.zeros((b, self.channels, *shape))
-        for i in range(b):
-            present = torch.unique(fixed_labels[i])
-            pick = present[torch.randperm(present.numel(), generator=self.generator)[: self.channels]]
-            for k, value in enumerate(pick):
-                mm[i, k] = (moving_labels[i, 0] == value).float()
-                fm[i, k] = (fixed_labels[i, 0] == value).float()
+    def _label_masks(self, moving_labels: Tensor, fixed_labels: Tensor) -> tuple[Tensor, Tensor]:
+        mm = torch.zeros((self.channels, *fixed_labels.shape[1:]))
+        fm = torch.zeros_like(mm)
+        present = torch.unique(fixed_labels)
+        pick = present[torch.randperm(present.numel(), generator=self.generator)[: self.channels]]
+        for k, value in enumerate(pick):
+            mm[k] = (moving_labels[0] == value).float()
+            fm[k] = (fixed_labels[0] == value).float()
         return mm, fm
 
     def batch(self, n: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(moving, fixed, moving_masks, fixed_masks)``: images ``(n, 1, *size)``, masks ``(n, K, *size)``."""
         moving, fixed, moving_labels, fixed_labels = self.source.batch(n, rank, world_size)
-        return (moving, fixed, *self._masks(moving_labels, fixed_labels))
+        masks = []
+        for i in range(moving.shape[0]):
+            # A coin only when both sources are in play, so label-only runs keep their stream.
+            share = self.segmenter_share
+            from_segmenter = share >= 1 or (share > 0 and float(torch.rand((), generator=self.generator)) < share)
+            masks.append(segmenter_mask_pairs(moving[i], fixed[i], self.channels) if from_segmenter
+                         else self._label_masks(moving_labels[i], fixed_labels[i]))
+        return moving, fixed, torch.stack([m for m, _ in masks]), torch.stack([f for _, f in masks])
 
     def state_dict(self) -> dict:
         return {"source": self.source.state_dict(), "generator": self.generator.get_state()}
@@ -117,6 +151,10 @@ class MaskChannels:
     def load_state_dict(self, state: dict) -> None:
         self.source.load_state_dict(state["source"])
         self.generator.set_state(state["generator"])
+
+
+#: Chance that a pair's training masks come from the segmenter, per ``TrainConfig.mask_source``.
+SEGMENTER_SHARE = {"labels": 0.0, "segmenter": 1.0, "mixed": 0.5}
 
 
 def make_pair_source(config: TrainConfig):
@@ -127,8 +165,11 @@ def make_pair_source(config: TrainConfig):
     if config.synthetic > 0:
         synthetic = SyntheticPairs(SyntheticConfig.default(config.dimension, shape=tuple(config.size)), seed=config.seed)
     if config.model == "mask-guided":
-        return MaskChannels(synthetic, config.mask_channels, config.seed + 3), (
-            f"synthetic {config.dimension}D pairs with {config.mask_channels} label-map mask channels "
+        share = SEGMENTER_SHARE[config.mask_source]
+        masks = {"labels": "label-map", "segmenter": "classical-segmenter ROI-pair",
+                 "mixed": "label-map or (half the pairs) classical-segmenter ROI-pair"}[config.mask_source]
+        return MaskChannels(synthetic, config.mask_channels, config.seed + 3, share), (
+            f"synthetic {config.dimension}D pairs with {config.mask_channels} {masks} mask channels "
             f"(SynthMorph-style generator, seed {config.seed})")
     if config.synthetic >= 1.0:
         return synthetic, f"synthetic {config.dimension}D pairs (SynthMorph-style generator, seed {config.seed})"

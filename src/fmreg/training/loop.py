@@ -62,22 +62,23 @@ class MaskGuidedObjective(nn.Module):
     #: Tensors of a batch it takes: moving, fixed, moving masks, fixed masks.
     inputs = 4
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, weights: dict[str, float] | None = None, mask_inputs: bool = True) -> None:
         super().__init__()
-        self.network = network
+        self.network, self.weights, self.mask_inputs = network, dict(weights or {}), mask_inputs
 
     def forward(self, moving: Tensor, fixed: Tensor, moving_masks: Tensor, fixed_masks: Tensor,
                 points: Tensor) -> dict[str, Tensor]:
         from fmreg.losses.mask_guided import mask_guided_loss
 
-        record = mask_guided_loss(self.network, moving, fixed, moving_masks, fixed_masks)
+        record = mask_guided_loss(self.network, moving, fixed, moving_masks, fixed_masks, self.weights,
+                                  mask_inputs=self.mask_inputs)
         return {"loss": record.total, **{k: v for k, v in record.terms.items() if k != "total"}}
 
 
 def build_objective(model: nn.Module, config: TrainConfig) -> nn.Module:
     """The objective of ``config.model`` around ``model``."""
     if config.model == "mask-guided":
-        return MaskGuidedObjective(model)
+        return MaskGuidedObjective(model, config.loss_weights, config.mask_inputs)
     return GradICONObjective(model.regis_net, config.lmbda, config.sigma, squared=config.similarity == "squared-lncc")
 
 

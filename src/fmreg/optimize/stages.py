@@ -276,35 +276,49 @@ class Fitter:
         return True
 
     def _optimise(self, stage: Stage, level: Level, init: Tensor, ctrl_shape: list[int], image_weight: float) -> dict:
-        """Adam on the velocity (or on the affine in an affine stage); returns the last terms."""
+        """Adam on the velocity (or on the affine in an affine stage); returns the terms at the
+        parameters it keeps: the evaluated iterate of lowest objective, not the last one.
+
+        Adam's steps are about ``lr`` whatever the gradient's size, so near an optimum (and from
+        the first step, where there is nothing to correct) it keeps moving; the best iterate is
+        the stage's answer (identical ROI masks and no image term: the identity, exactly).
+        """
         grid, opt = level.grid, self.opt
         if stage.affine:
             v = init
             affine = AffineTransform(self.affine.matrix.clone().requires_grad_(True),
                                      self.affine.offset.clone().requires_grad_(True), grid)
-            optim = Adam([affine.matrix, affine.offset], lr=opt.affine_lr)
+            params = [affine.matrix, affine.offset]
+            optim = Adam(params, lr=opt.affine_lr)
         else:
             v = init.clone().requires_grad_(True)
             affine = self.affine
-            optim = Adam([v], lr=opt.lr)
+            params = [v]
+            optim = Adam(params, lr=opt.lr)
         loss_fn = self._loss_terms(stage, level, grid.resized(ctrl_shape), image_weight)
         transform = self.transform(v, grid, affine)
-        last: dict = {}
-        for _ in range(stage.iterations):
+        best_total, best_params, best_terms = float("inf"), None, {}
+        for i in range(stage.iterations):
             optim.zero_grad()
             record = loss_fn(v, transform.normalized_points(grid.shape))
             record.total.backward()
+            if float(record.total.detach()) < best_total:
+                best_total, best_terms = float(record.total.detach()), {**record.floats(), "best_iteration": i}
+                best_params = [p.detach().clone() for p in params]
             optim.step()
             if self.through is not None:
                 with torch.no_grad():
                     t = self.through
                     v -= t.reshape(-1, *[1] * grid.ndim) * torch.einsum("c,c...->...", t, v)[None]
-            last = record.floats()
+        if best_params is not None:
+            with torch.no_grad():
+                for p, kept in zip(params, best_params):
+                    p.copy_(kept)
         if stage.affine:
             self._accept_affine(affine)
         else:
             self.velocity = v.detach()
-        return last
+        return best_terms
 
     def _accept_affine(self, affine: AffineTransform) -> None:
         matrix, offset = affine.matrix.detach(), affine.offset.detach()

@@ -12,7 +12,8 @@ from fmreg.cli import main
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image
 from fmreg.methods.gradicon import GradICONMethod
-from fmreg.nn.images import physical_field
+from fmreg.nn.images import physical_field, slicewise_field, stack_inputs
+from fmreg.transforms.displacement import DisplacementTransform
 from fmreg.transforms.affine import AffineTransform
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,6 +34,43 @@ def test_the_identity_map_between_two_fields_of_view_is_their_physical_relation(
     expected = torch.tensor([10.0, -5.0]).reshape(2, 1, 1) + rel * torch.tensor([20.0, 20.0]).reshape(2, 1, 1)
     assert field.frame == Frame.PHYSICAL
     assert_close(field.mapped_points(Frame.PHYSICAL), expected, atol=1e-4, rtol=0)
+
+
+def _rotation_about_z(degrees: float):
+    import math
+
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+
+
+def test_slicewise_maps_shift_each_slice_in_plane_and_keep_its_slice():
+    # An oblique, anisotropic stack (slice axis = array axis 0, 6 mm); each slice's 2D map is a
+    # constant in-plane shift, d_j normalized units along x for slice j.
+    fixed = Grid((4, 9, 11), (0.5, 0.8, 6.0), (2.0, -3.0, 10.0), _rotation_about_z(30.0))
+    shifts = torch.tensor([0.1, -0.2, 0.0, 0.3])
+    u = torch.zeros((4, 2, 9, 11))
+    u[:, 0] = shifts.reshape(4, 1, 1)
+    transform = DisplacementTransform(u, Grid((9, 11)))
+    field = slicewise_field(transform, fixed, fixed, 0, torch.linspace(-1, 1, 4))
+    # Normalized x unit = (11 − 1) / 2 voxels of 0.5 mm = 2.5 mm along the grid's x direction.
+    direction_x = torch.tensor(_rotation_about_z(30.0)).reshape(3, 3)[:, 0]
+    expected = direction_x.reshape(3, 1, 1, 1) * (2.5 * shifts).reshape(1, 4, 1, 1)
+    assert_close(field.data, expected.expand(3, 4, 9, 11), atol=1e-5, rtol=0)
+
+
+def test_stack_inputs_pair_each_fixed_slice_with_the_moving_slice_at_its_relative_position():
+    g = torch.Generator().manual_seed(0)
+    fixed = Image(torch.rand((5, 12, 10), generator=g), Grid((5, 12, 10), (1.0, 1.0, 8.0)))
+    moving = Image(torch.arange(9.0).reshape(9, 1, 1).expand(9, 12, 10).contiguous(), Grid((9, 12, 10), (1.0, 1.0, 4.0)))
+    f, m, positions = stack_inputs(fixed, moving, (16, 16), 0, "mr")
+    assert f.shape == m.shape == (5, 1, 16, 16)
+    # Fixed slices at relative positions 0, 1/4, ..., 1: moving slices 0, 2, 4, 6, 8.
+    assert_close(positions, torch.linspace(-1, 1, 5))
+    assert_close(m[:, 0, 0, 0], torch.tensor([0.0, 2.0, 4.0, 6.0, 8.0]) / 8.0)
+    # The through-plane component maps fixed slice j onto moving slice 2j: the same mm here.
+    identity = DisplacementTransform(torch.zeros((5, 2, 12, 10)), Grid((12, 10)))
+    field = slicewise_field(identity, fixed.grid, moving.grid, 0, positions)
+    assert_close(field.data, torch.zeros((3, 5, 12, 10)), atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +121,18 @@ def test_gradicon_registers_with_a_trained_checkpoint(run_dir):
     assert result.field.grid == fixed.grid and result.field.data.shape == (2, 40, 36)
     assert result.info["network_input_size"] == [32, 32] and torch.isfinite(result.field.data).all()
     assert set(result.stage_seconds) == {"load", "instance_optimisation", "network"}
+
+
+def test_a_2d_model_registers_a_3d_stack_slice_by_slice(run_dir):
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(36.0), indexing="ij")
+    texture = torch.sin(xx / 3.0) * torch.cos(yy / 4.0)
+    stack = torch.stack([texture * (1 + 0.1 * k) for k in range(3)])
+    fixed = Image(stack, Grid((3, 40, 36), (1.0, 1.2, 9.0)))
+    moving = Image(torch.roll(stack, 2, dims=2), fixed.grid)
+    result = GradICONMethod(weights=str(run_dir / "checkpoint.pt"), io_iterations=1).register(fixed, moving)
+    assert result.info["slice_axis"] == 0 and result.field.grid == fixed.grid
+    # In-plane maps only: no displacement through the slices.
+    assert float(result.field.data[2].abs().max()) < 1e-4
 
 
 def test_validation_scores_a_labelled_manifest_during_training(tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fmreg.core.grid import through_plane_axis
 from fmreg.core.image import Image, check_pair
 from fmreg.errors import FmregError
 from fmreg.losses.gradicon import gradicon_loss
@@ -22,26 +23,28 @@ from fmreg.losses.image import GaussianLNCC
 from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.params import declare
 from fmreg.nn.gradicon import GradICON
-from fmreg.nn.images import network_input, physical_field
+from fmreg.nn.images import network_input, physical_field, slicewise_field, stack_inputs
 
 #: Where the models shipped with fmreg live (``gradicon_2d.pt`` / ``gradicon_3d.pt`` + ``.json`` cards).
 WEIGHTS_PACKAGE = "fmreg.nn.weights"
 
 
 def shipped_weights(dimension: int) -> Path:
-    """Path of the packaged model for 2D or 3D images."""
-    path = Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(f"gradicon_{dimension}d.pt")))
-    if not path.is_file():
-        raise FmregError(f"fmreg ships no {dimension}D gradicon model yet (docs/benchmarks.md says why): train one with "
-                         f"`fmreg train --synthetic {dimension}d` and pass --param weights=RUN/checkpoint.pt")
-    return path
+    """Path of the packaged model for 2D or 3D images (3D stacks take the 2D model, slice by
+    slice, while no 3D model ships)."""
+    for dim in ((3, 2) if dimension == 3 else (2,)):
+        path = Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(f"gradicon_{dim}d.pt")))
+        if path.is_file():
+            return path
+    raise FmregError(f"fmreg ships no {dimension}D gradicon model (docs/benchmarks.md says why): train one with "
+                     f"`fmreg train --synthetic {dimension}d` and pass --param weights=RUN/checkpoint.pt")
 
 
-def load_network(weights: str | Path, dimension: int) -> tuple[GradICON, tuple[int, ...]]:
+def load_network(weights: str | Path, dimension: int | None = None) -> tuple[GradICON, tuple[int, ...]]:
     """A fresh network and its input size from a checkpoint of ``fmreg train`` or a uniGradICON file.
 
     uniGradICON's ``Step_2_final.trch`` (a bare ``regis_net`` state_dict) gets the released
-    architecture and its 175³ input size.
+    architecture and its 175³ input size. ``dimension`` None takes the checkpoint's.
     """
     from fmreg.training.checkpoint import load_checkpoint, load_trained, load_weights, model_weights
 
@@ -49,7 +52,7 @@ def load_network(weights: str | Path, dimension: int) -> tuple[GradICON, tuple[i
     net, config = load_trained(loaded, str(weights), "gradicon", dimension)
     if net is not None:
         return net, tuple(config["size"])
-    net, size = GradICON(dimension), (175,) * dimension
+    net, size = GradICON(3 if dimension is None else dimension), (175,) * (3 if dimension is None else dimension)
     load_weights(net.regis_net, model_weights(loaded), str(weights))
     return net.eval(), size
 
@@ -99,20 +102,31 @@ class GradICONMethod:
         weights = Path(self.weights) if self.weights else shipped_weights(fixed.ndim)
         t0 = time.perf_counter()
         # A fresh network for every pair: instance optimisation must not carry over.
-        net, size = load_network(weights, fixed.ndim)
-        f, m = network_input(fixed, size, self.modality), network_input(moving, size, self.modality)
+        net, size = load_network(weights)
+        if len(size) > fixed.ndim:
+            raise FmregError(f"{weights} is a {len(size)}D model; the images are {fixed.ndim}D")
+        axis = through_plane_axis(fixed.grid) if len(size) < fixed.ndim else None
+        if axis is None:
+            f, m = network_input(fixed, size, self.modality), network_input(moving, size, self.modality)
+        else:
+            # A 2D model registers a 3D stack slice by slice, all slices in one batch.
+            f, m, positions = stack_inputs(fixed, moving, size, axis, self.modality)
         t1 = time.perf_counter()
         if self.io_iterations:
             net = instance_optimise(net, m, f, self.io_iterations, self.io_lr)
         t2 = time.perf_counter()
         with torch.no_grad():
             transform = net(m, f)
-        field = physical_field(transform, fixed.grid, moving.grid)
+        if axis is None:
+            field = physical_field(transform, fixed.grid, moving.grid)
+        else:
+            field = slicewise_field(transform, fixed.grid, moving.grid, axis, positions)
         card = weights_card(weights)
+        info = {"network_input_size": list(size), **({"slice_axis": axis} if axis is not None else {}),
+                **({"model": card} if card else {})}
         return RegistrationResult(field, self.name, self.parameters(),
                                   stage_seconds={"load": t1 - t0, "instance_optimisation": t2 - t1,
-                                                 "network": time.perf_counter() - t2},
-                                  info={"network_input_size": list(size), **({"model": card} if card else {})})
+                                                 "network": time.perf_counter() - t2}, info=info)
 
 
 def weights_card(weights: Path) -> dict | None:

@@ -44,3 +44,66 @@ def physical_field(transform: Transform, fixed: Grid, moving: Grid) -> Displacem
     world = moving.convert_points(pts, Frame.NORMALIZED, Frame.PHYSICAL)
     u = world.movedim(-1, 0) - fixed.coordinates(Frame.PHYSICAL, dtype=torch.float64)
     return DisplacementField(u.float(), fixed, Frame.PHYSICAL)
+
+
+def _slice_positions(n: int) -> Tensor:
+    """``NORMALIZED`` coordinates of the ``n`` slices of an axis (``align_corners=True``; 0 for one)."""
+    return torch.linspace(-1.0, 1.0, n) if n > 1 else torch.zeros(1)
+
+
+def stack_inputs(fixed: Image, moving: Image, size: tuple[int, int], axis: int,
+                 modality: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """A 3D pair as a batch of 2D slice pairs for a 2D network.
+
+    Fixed slice ``j`` is paired with the moving slice nearest to the same ``NORMALIZED``
+    through-plane position (slice ``j`` when both stacks have as many slices). Intensities are
+    normalised over each whole stack, then every slice is resampled over its own in-plane extent.
+
+    Args:
+        fixed, moving: 3D images.
+        size: The network's 2D input shape, array order.
+        axis: The array axis the stacks are sliced along (e.g. :func:`~fmreg.core.grid.through_plane_axis`).
+        modality: As :func:`network_input`.
+
+    Returns:
+        ``(fixed_slices, moving_slices, moving_positions)``: ``(S, 1, *size)`` each, ``S`` the
+        fixed slice count, and the ``(S,)`` ``NORMALIZED`` through-plane coordinates of the
+        moving slices used.
+    """
+    n_fixed, n_moving = fixed.grid.shape[axis], moving.grid.shape[axis]
+    index = ((_slice_positions(n_fixed) + 1) / 2 * (n_moving - 1)).round().long().clamp(0, n_moving - 1)
+
+    def slices(image: Image, pick: Tensor) -> Tensor:
+        data = foundation_normalize(image.data, modality).movedim(axis, 0)[pick]
+        return resize(data, size)[:, None]
+
+    return slices(fixed, torch.arange(n_fixed)), slices(moving, index), _slice_positions(n_moving)[index]
+
+
+def slicewise_field(transform: Transform, fixed: Grid, moving: Grid, axis: int, moving_positions: Tensor) -> DisplacementField:
+    """A 2D network's per-slice maps (fixed slice → moving slice, in-plane ``NORMALIZED``
+    frames) as one physical field on the 3D fixed grid.
+
+    Each fixed slice maps into the moving slice it was paired with (:func:`stack_inputs`):
+    in-plane as the network says, through-plane onto that slice's position.
+
+    Args:
+        transform: Map batched over the ``S`` fixed slices.
+        fixed, moving: The 3D grids.
+        axis: The slice axis (array order).
+        moving_positions: ``(S,)`` ``NORMALIZED`` through-plane coordinates of the moving slices.
+
+    Returns:
+        ``T(x) − x`` in mm on ``fixed``.
+    """
+    in_plane = [j for j in range(3) if j != axis]
+    with torch.no_grad():
+        pts2 = transform.normalized_points([fixed.shape[j] for j in in_plane]).double()  # (S, a, b, 2)
+    pts = torch.empty((*pts2.shape[:3], 3), dtype=torch.float64)
+    # Component c of a NORMALIZED point runs along array axis ndim − 1 − c.
+    pts[..., 2 - in_plane[1]] = pts2[..., 0]
+    pts[..., 2 - in_plane[0]] = pts2[..., 1]
+    pts[..., 2 - axis] = moving_positions.double().reshape(-1, 1, 1)
+    world = moving.convert_points(pts.movedim(0, axis), Frame.NORMALIZED, Frame.PHYSICAL)
+    u = world.movedim(-1, 0) - fixed.coordinates(Frame.PHYSICAL, dtype=torch.float64)
+    return DisplacementField(u.float(), fixed, Frame.PHYSICAL)

@@ -65,7 +65,7 @@ def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: s
 
 
 def load_trained(loaded: dict[str, Any], source: str, kind: str,
-                 dimension: int) -> tuple[nn.Module | None, dict[str, Any] | None]:
+                 dimension: int | None) -> tuple[nn.Module | None, dict[str, Any] | None]:
     """A fresh ``kind`` network with the weights of a checkpoint of ``fmreg train``, in eval mode.
 
     Global random state is left alone (registration must not reseed the caller's torch).
@@ -74,7 +74,7 @@ def load_trained(loaded: dict[str, Any], source: str, kind: str,
         loaded: The file's content (:func:`load_checkpoint`).
         source: The file's name, for messages.
         kind: The model kind the caller needs (``gradicon`` or ``mask-guided``).
-        dimension: Dimensionality of the images to register.
+        dimension: Dimensionality the caller needs; None takes the model's.
 
     Returns:
         The network and the run's configuration (as stored), or ``(None, None)`` for a file that
@@ -90,7 +90,7 @@ def load_trained(loaded: dict[str, Any], source: str, kind: str,
     config = TrainConfig.from_dict(loaded["config"])
     if config.model != kind:
         raise FmregError(f"{source} is a {config.model} checkpoint; --method {kind} needs a {kind} one")
-    if config.dimension != dimension:
+    if dimension is not None and config.dimension != dimension:
         raise FmregError(f"{source} is a {config.dimension}D model; the images are {dimension}D")
     net = make_model(config)
     target = net.regis_net if kind == "gradicon" else net

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fmreg import phantoms
-from fmreg.errors import FmregError
 from fmreg.methods.gradicon import GradICONMethod, shipped_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,9 +33,11 @@ def test_gradicon_registers_the_2d_phantom_with_the_shipped_model():
     assert result.info["model"]["steps"] > 0  # the card travels with the result
 
 
-def test_3d_without_a_shipped_model_is_a_one_line_error_that_says_what_to_do():
+def test_3d_stacks_take_the_2d_model_slice_by_slice_while_no_3d_model_ships():
     folder = Path(str(resources.files("fmreg.nn.weights")))
     if (folder / "gradicon_3d.pt").exists():
         pytest.skip("a 3D model ships now")
-    with pytest.raises(FmregError, match=r"ships no 3D gradicon model yet .*fmreg train --synthetic 3d"):
-        shipped_weights(3)
+    assert shipped_weights(3) == shipped_weights(2)
+    pair = phantoms.make_pair(3, seed=0)
+    result = GradICONMethod(io_iterations=0).register(pair.fixed, pair.moving)
+    assert result.field.grid == pair.fixed.grid and "slice_axis" in result.info

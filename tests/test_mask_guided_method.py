@@ -68,3 +68,43 @@ def test_bad_mask_guided_settings_are_one_line(tmp_path, capsys, extra, message)
     assert main(["train", "-o", str(tmp_path / "r"), "--steps", "1", *TRAIN, *extra]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_slice_mask_channels_fill_each_slice_with_its_own_pairs():
+    import torch
+
+    from fmreg.correspond.pairs import RoiPair
+    from fmreg.methods.mask_guided import slice_mask_channels
+
+    shape = (3, 8, 8)
+    a = torch.zeros(shape, dtype=torch.bool)
+    a[1, 2:5, 2:5] = True
+    b = torch.zeros(shape, dtype=torch.bool)
+    b[1, 3:6, 3:6] = True
+    slice_pair = RoiPair(a, b, 0.9, fixed_slice=1, moving_slice=1)
+    vol_f = torch.zeros(shape, dtype=torch.bool)
+    vol_f[0:2, 0:2, 0:2] = True
+    vol_m = torch.zeros(shape, dtype=torch.bool)
+    vol_m[:, 6:8, 6:8] = True
+    volume_pair = RoiPair(vol_f, vol_m, 1.0, source="labels:1")
+    mm, fm = slice_mask_channels([slice_pair, volume_pair], 0, torch.tensor([0, 1, 2]), (8, 8), 2)
+    assert mm.shape == fm.shape == (3, 2, 8, 8)
+    assert torch.equal(fm[1, 0], a[1].float()) and torch.equal(mm[1, 0], b[1].float())
+    assert torch.equal(fm[0, 0], vol_f[0].float()) and torch.equal(mm[0, 0], vol_m[0].float())
+    assert torch.equal(fm[1, 1], vol_f[1].float()) and torch.equal(mm[1, 1], vol_m[1].float())
+    assert fm[2].sum() == 0 and mm[2].sum() == 0 and fm[0, 1].sum() == 0
+
+
+def test_a_2d_model_registers_a_3d_stack_slice_by_slice(run_dir, tmp_path):
+    from fmreg import phantoms
+    from fmreg.io.images import write_image
+
+    p = phantoms.make_pair(3, seed=1)
+    for role in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        write_image(getattr(p, role), tmp_path / f"{role}.nii.gz")
+    out = tmp_path / "o"
+    labels = ["--fixed-labels", str(tmp_path / "fixed_labels.nii.gz"), "--moving-labels", str(tmp_path / "moving_labels.nii.gz")]
+    assert main(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "-o", str(out),
+                 "--method", "mask-guided-labels", "--param", f"weights={run_dir / 'checkpoint.pt'}", *labels, "-q"]) == 0
+    doc = json.loads((out / "result.json").read_text())
+    assert "slice_axis" in doc

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fmreg.core.grid import through_plane_axis
 from fmreg.core.image import Image, check_label_grid, check_pair
 from fmreg.core.intensity import resize
 from fmreg.correspond.pairs import RoiPair, find_roi_pairs, label_roi_pairs
@@ -23,10 +24,10 @@ from fmreg.errors import FmregError
 from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.gradicon import WEIGHTS_PACKAGE, weights_card
 from fmreg.methods.params import declare
-from fmreg.nn.images import network_input, physical_field
+from fmreg.nn.images import network_input, physical_field, slicewise_field, stack_inputs
 
 
-def load_mask_guided(weights: str | Path, dimension: int):
+def load_mask_guided(weights: str | Path, dimension: int | None = None):
     """A fresh mask-guided network, its input size, its mask channel count and whether it sees
     masks (False: an images-only model of the ablation) from a checkpoint."""
     from fmreg.training.checkpoint import load_checkpoint, load_trained
@@ -37,12 +38,46 @@ def load_mask_guided(weights: str | Path, dimension: int):
     return net, tuple(config["size"]), config["mask_channels"], config.get("mask_inputs", True)
 
 
-def mask_channels(masks: list[Tensor], image: Image, size: tuple[int, ...], channels: int) -> Tensor:
-    """``(1, K, *size)`` masks in [0, 1] over the image's own extent (empty channels past the last)."""
+def mask_channels(masks: list[Tensor], size: tuple[int, ...], channels: int) -> Tensor:
+    """``(1, K, *size)`` masks in [0, 1] over their image's own extent (empty channels past the last)."""
     out = torch.zeros((channels, *size))
     for k, mask in enumerate(masks[:channels]):
         out[k] = resize(mask.float()[None], size)[0]
     return out[None]
+
+
+def slice_mask_channels(pairs: list[RoiPair], axis: int, moving_index: Tensor, size: tuple[int, int],
+                        channels: int) -> tuple[Tensor, Tensor]:
+    """Per fixed slice, the ``K`` first ROI pairs (in the order given) present on it, as 2D masks.
+
+    A slice pair (``fixed_slice`` set) fills its own slice; a volume pair (label maps) fills
+    every fixed slice where its fixed mask is, with the moving mask on the paired moving slice.
+
+    Args:
+        pairs: 3D ROI pairs, most similar first.
+        axis: The slice axis (array order).
+        moving_index: ``(S,)`` moving slice paired with each fixed slice.
+        size: The network's 2D input shape.
+        channels: ``K``.
+
+    Returns:
+        ``(moving_masks, fixed_masks)``, each ``(S, K, *size)`` in [0, 1].
+    """
+    n = moving_index.numel()
+    fm, mm = torch.zeros((n, channels, *size)), torch.zeros((n, channels, *size))
+    used = [0] * n
+    for pair in pairs:
+        if pair.fixed_slice is not None:
+            slices = [(pair.fixed_slice, pair.moving_slice)]
+        else:
+            present = pair.fixed_mask.movedim(axis, 0).flatten(1).any(1)
+            slices = [(j, int(moving_index[j])) for j in torch.nonzero(present).flatten().tolist()]
+        for j, i in slices:
+            if used[j] < channels:
+                fm[j, used[j]] = resize(pair.fixed_mask.select(axis, j).float()[None], size)[0]
+                mm[j, used[j]] = resize(pair.moving_mask.select(axis, i).float()[None], size)[0]
+                used[j] += 1
+    return mm, fm
 
 
 SEGMENTERS = ("classical", "sam", "medsam")
@@ -71,10 +106,12 @@ class MaskGuidedMethod:
     def _weights(self, ndim: int) -> Path:
         if self.weights:
             return Path(self.weights)
-        path = Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(f"mask_guided_{ndim}d.pt")))
-        if not path.is_file():
-            raise FmregError(f"fmreg ships no {ndim}D mask-guided model: pass --param weights=PATH")
-        return path
+        # 3D stacks take the 2D model, slice by slice, while no 3D model ships.
+        for dim in ((3, 2) if ndim == 3 else (2,)):
+            path = Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(f"mask_guided_{dim}d.pt")))
+            if path.is_file():
+                return path
+        raise FmregError(f"fmreg ships no {ndim}D mask-guided model: pass --param weights=PATH")
 
     def _pairs(self, fixed: Image, moving: Image, fixed_labels, moving_labels) -> list[RoiPair]:
         from fmreg.methods.samreg import make_backend
@@ -89,21 +126,35 @@ class MaskGuidedMethod:
         check_pair(fixed, moving)
         weights = self._weights(fixed.ndim)
         t0 = time.perf_counter()
-        net, size, k, sees_masks = load_mask_guided(weights, fixed.ndim)
+        net, size, k, sees_masks = load_mask_guided(weights)
+        if len(size) > fixed.ndim:
+            raise FmregError(f"{weights} is a {len(size)}D model; the images are {fixed.ndim}D")
         pairs = []
         if sees_masks:
             pairs = sorted(self._pairs(fixed, moving, fixed_labels, moving_labels), key=lambda p: -p.similarity)
         t1 = time.perf_counter()
-        fm = mask_channels([p.fixed_mask for p in pairs], fixed, size, k)
-        mm = mask_channels([p.moving_mask for p in pairs], moving, size, k)
+        if len(size) == fixed.ndim:
+            f, m = network_input(fixed, size), network_input(moving, size)
+            fm = mask_channels([p.fixed_mask for p in pairs], size, k)
+            mm = mask_channels([p.moving_mask for p in pairs], size, k)
+        else:
+            # A 2D model registers a 3D stack slice by slice, all slices in one batch.
+            axis = through_plane_axis(fixed.grid)
+            f, m, positions = stack_inputs(fixed, moving, size, axis)
+            index = ((positions + 1) / 2 * (moving.grid.shape[axis] - 1)).round().long()
+            mm, fm = slice_mask_channels(pairs, axis, index, size, k)
         with torch.no_grad():
-            transform = net(network_input(moving, size), network_input(fixed, size), mm, fm)
-        field = physical_field(transform, fixed.grid, moving.grid)
+            transform = net(m, f, mm, fm)
+        if len(size) == fixed.ndim:
+            field = physical_field(transform, fixed.grid, moving.grid)
+        else:
+            field = slicewise_field(transform, fixed.grid, moving.grid, axis, positions)
         card = weights_card(weights)
+        info = {"network_input_size": list(size), "mask_channels": k,
+                **({"slice_axis": axis} if len(size) < fixed.ndim else {}), **({"model": card} if card else {})}
         return RegistrationResult(field, self.name, self.parameters(), roi_pairs=pairs[:k],
                                   stage_seconds={"load_and_segment": t1 - t0, "network": time.perf_counter() - t1},
-                                  info={"network_input_size": list(size), "mask_channels": k,
-                                        **({"model": card} if card else {})})
+                                  info=info)
 
 
 class MaskGuidedLabelsMethod(MaskGuidedMethod):

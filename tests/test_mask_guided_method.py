@@ -61,7 +61,7 @@ def test_a_checkpoint_of_another_kind_is_named(run_dir, pair, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--size", "36", "36"], "multiples of 8"),
-    (["--manifest", "pairs.csv"], "only the synthetic pairs carry"),
+    (["--manifest", "pairs.csv"], "manifest pairs do not carry"),
     (["--mask-channels", "0"], "--mask-channels must be >= 1"),
 ])
 def test_bad_mask_guided_settings_are_one_line(tmp_path, capsys, extra, message):

@@ -350,6 +350,11 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
                                         "names: ncc diffusion dice contour contrastive alignment", action="append", metavar="NAME=VALUE")
     manifest: list[str] | None = arg("--manifest", help="training pairs (repeatable; labels are not used)", action="append", metavar="CSV")
     synthetic: str | None = arg("--synthetic", help="synthetic pairs of this dimension", choices=("2d", "3d"))
+    labelled: list[str] | None = arg("--labelled", help="labelled images whose deformed copies make training pairs "
+                                     "(repeatable): PATH.npz with arrays vol and seg, or IMAGE,LABELS; 2D models "
+                                     "take random slices of 3D images", action="append", metavar="SPEC")
+    labelled_share: float | None = arg("--labelled-share", help="share of each batch from --labelled (default 0.5 "
+                                       "with other data, else 1)", type=float, metavar="F")
     synthetic_share: float | None = arg("--synthetic-share", help="share of synthetic pairs per batch with --manifest (default 0.5)", type=float, metavar="F")
     init: str | None = arg("--init", help="start from these weights (fmreg checkpoint or uniGradICON's regis_net)", metavar="WEIGHTS")
     optimizer: str = arg("--optimizer", help="adam, sharpness-aware (SAM) or adaptive-sharpness-aware (ASAM)", default="adam",
@@ -374,13 +379,16 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
         from fmreg.errors import FmregError
         from fmreg.training.config import TrainConfig
 
-        if not self.synthetic and not self.manifest:
-            raise FmregError("give training data: --synthetic 2d|3d and/or --manifest CSV")
+        if not self.synthetic and not self.manifest and not self.labelled:
+            raise FmregError("give training data: --synthetic 2d|3d, --labelled SPEC and/or --manifest CSV")
         dim = int(self.synthetic[0]) if self.synthetic else (len(self.size) if self.size else 2)
         share = 1.0 if not self.manifest else (0.0 if not self.synthetic else (0.5 if self.synthetic_share is None else self.synthetic_share))
+        alone = not self.synthetic and not self.manifest
+        labelled_share = 1.0 if alone else (0.5 if self.labelled_share is None else self.labelled_share)
         width = self.width if self.width is not None else (1.0 if self.model == "mask-guided" else 0.25)
         return TrainConfig(model=self.model, mask_channels=self.mask_channels, fusion=self.fusion,
                            mask_source=self.mask_source, mask_inputs=not self.no_mask_inputs,
+                           labelled=list(self.labelled or []), labelled_share=labelled_share,
                            loss_weights=self._loss_weights(),
                            dimension=dim, size=tuple(self.size or (128,) * dim), width=width,
                            unet_levels=self.depth, optimizer=self.optimizer, rho=self.rho, lr=self.lr,

@@ -61,6 +61,9 @@ class TrainConfig:
             registration) or ``mixed`` (each pair either, with equal odds).
         mask_inputs: False trains a mask-guided model that sees empty mask channels (the
             ablation's images-only row; the masks still enter the losses).
+        labelled: Labelled images (:func:`~fmreg.training.labelled.read_labelled`) whose
+            deformed copies make pairs (e.g. ``../shared/data/brain3d/test_scan.npz``).
+        labelled_share: Share of each batch from ``labelled`` (when given).
         loss_weights: Mask-guided loss weights that replace
             :data:`~fmreg.losses.mask_guided.DEFAULT_WEIGHTS` entries.
     """
@@ -93,6 +96,8 @@ class TrainConfig:
     mask_source: str = "labels"
     mask_inputs: bool = True
     loss_weights: dict[str, float] = field(default_factory=dict)
+    labelled: list[str] = field(default_factory=list)
+    labelled_share: float = 0.5
 
     def __post_init__(self) -> None:
         self.size = tuple(int(s) for s in self.size)
@@ -111,11 +116,12 @@ class TrainConfig:
                   ("lr", self.lr, self.lr > 0, "> 0"), ("width", self.width, self.width > 0, "> 0"),
                   ("checkpoint-every", self.checkpoint_every, self.checkpoint_every >= 1, ">= 1"),
                   ("rho", self.rho, self.rho is None or self.rho >= 0, ">= 0"),
-                  ("synthetic", self.synthetic, 0.0 <= self.synthetic <= 1.0, "in [0, 1]")]
+                  ("synthetic", self.synthetic, 0.0 <= self.synthetic <= 1.0, "in [0, 1]"),
+                  ("labelled-share", self.labelled_share, 0.0 < self.labelled_share <= 1.0, "in (0, 1]")]
         for name, value, ok, rule in checks:
             if not ok:
                 raise FmregError(f"--{name} must be {rule}, got {value}")
-        if self.synthetic < 1.0 and not self.manifests:
+        if self.synthetic < 1.0 and not self.manifests and not (self.labelled and self.labelled_share >= 1.0):
             raise FmregError("training on manifest pairs needs --manifest CSV (or --synthetic only)")
         if self.model == "mask-guided":
             self._check_mask_guided()
@@ -137,9 +143,9 @@ class TrainConfig:
                 raise FmregError(f"unknown loss weight '{name}': choose among {', '.join(DEFAULT_WEIGHTS)}")
             if not (value >= 0 and value < float("inf")):
                 raise FmregError(f"--loss-weight {name} must be a finite value >= 0, got {value}")
-        if self.synthetic < 1.0:
-            raise FmregError("mask-guided training needs ROI masks, which only the synthetic pairs carry so far: "
-                             "train with --synthetic only")
+        if self.synthetic < 1.0 and not (self.labelled and self.labelled_share >= 1.0):
+            raise FmregError("mask-guided training needs ROI masks, which manifest pairs do not carry: "
+                             "train with --synthetic and/or --labelled")
         step = 2 ** (len(MASK_GUIDED_WIDTHS) - 1)
         if any(n % step or n < 2 * step for n in self.size):
             raise FmregError(f"--size {list(self.size)}: a mask-guided model needs multiples of {step} of at least {2 * step}")

@@ -63,22 +63,32 @@ class ManifestPairs:
 
 
 class MixedPairs:
-    """``share`` of each batch from ``synthetic``, the rest from ``manifest``."""
+    """Each batch split among named sources by share: source ``i`` gives
+    ``round(n · (s_0 + … + s_i)) − round(n · (s_0 + … + s_{i−1}))`` pairs, in order.
 
-    def __init__(self, synthetic, manifest: ManifestPairs, share: float) -> None:
-        self.synthetic, self.manifest, self.share = synthetic, manifest, share
+    Sources that all give label maps give them here too; otherwise only the images.
+    """
 
-    def batch(self, n: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
-        k = int(round(n * self.share))
-        parts = [src.batch(m, rank, world_size)[:2] for src, m in ((self.synthetic, k), (self.manifest, n - k)) if m > 0]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    def __init__(self, parts: dict[str, tuple[object, float]]) -> None:
+        self.parts = parts
+
+    def batch(self, n: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, ...]:
+        outs, done, cumulative = [], 0, 0.0
+        for source, share in self.parts.values():
+            cumulative += share
+            count = int(round(n * cumulative)) - done
+            done += count
+            if count > 0:
+                outs.append(source.batch(count, rank, world_size))
+        arity = min(len(o) for o in outs)
+        return tuple(torch.cat([o[j] for o in outs]) for j in range(arity))
 
     def state_dict(self) -> dict:
-        return {"synthetic": self.synthetic.state_dict(), "manifest": self.manifest.state_dict()}
+        return {name: source.state_dict() for name, (source, _) in self.parts.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.synthetic.load_state_dict(state["synthetic"])
-        self.manifest.load_state_dict(state["manifest"])
+        for name, (source, _) in self.parts.items():
+            source.load_state_dict(state[name])
 
 
 def segmenter_mask_pairs(moving: Tensor, fixed: Tensor, channels: int) -> tuple[Tensor, Tensor]:
@@ -158,25 +168,36 @@ SEGMENTER_SHARE = {"labels": 0.0, "segmenter": 1.0, "mixed": 0.5}
 
 
 def make_pair_source(config: TrainConfig):
-    """The pair source of ``config`` and a one-line description of its data (for the model card)."""
+    """The pair source of ``config`` and a one-line description of its data (for the model card).
+
+    Shares of a batch: ``labelled_share`` from the labelled images (when given), the rest split
+    between the synthetic generator (``synthetic``) and the manifests.
+    """
+    from fmreg.training.labelled import LabelledPairs, describe
     from fmreg.training.synthetic import SyntheticConfig, SyntheticPairs
 
-    synthetic = None
-    if config.synthetic > 0:
-        synthetic = SyntheticPairs(SyntheticConfig.default(config.dimension, shape=tuple(config.size)), seed=config.seed)
+    synthetic_config = SyntheticConfig.default(config.dimension, shape=tuple(config.size))
+    rest = 1.0 - (config.labelled_share if config.labelled else 0.0)
+    parts: dict[str, tuple[object, float]] = {}
+    notes: list[tuple[float, str]] = []
+    if config.labelled:
+        parts["labelled"] = (LabelledPairs(list(config.labelled), synthetic_config, config.seed + 4), 1.0 - rest)
+        notes.append((1.0 - rest, f"pairs made by deforming {describe(config.labelled)}"))
+    if config.synthetic > 0 and rest > 0:
+        parts["synthetic"] = (SyntheticPairs(synthetic_config, seed=config.seed), rest * config.synthetic)
+        notes.append((rest * config.synthetic,
+                      f"synthetic {config.dimension}D pairs (SynthMorph-style generator, seed {config.seed})"))
+    if config.synthetic < 1.0 and rest > 0:
+        parts["manifest"] = (ManifestPairs(list(config.manifests), tuple(config.size), config.seed + 2),
+                             rest * (1.0 - config.synthetic))
+        notes.append((rest * (1.0 - config.synthetic),
+                      f"manifest pairs: {', '.join(Path(m).name for m in config.manifests)}"))
+    source = next(iter(parts.values()))[0] if len(parts) == 1 else MixedPairs(parts)
+    note = notes[0][1] if len(notes) == 1 else "; ".join(f"{share:.0%} {text}" for share, text in notes)
     if config.model == "mask-guided":
         share = SEGMENTER_SHARE[config.mask_source]
         masks = {"labels": "label-map", "segmenter": "classical-segmenter ROI-pair",
                  "mixed": "label-map or (half the pairs) classical-segmenter ROI-pair"}[config.mask_source]
-        return MaskChannels(synthetic, config.mask_channels, config.seed + 3, share), (
-            f"synthetic {config.dimension}D pairs with {config.mask_channels} {masks} mask channels "
-            f"(SynthMorph-style generator, seed {config.seed})")
-    if config.synthetic >= 1.0:
-        return synthetic, f"synthetic {config.dimension}D pairs (SynthMorph-style generator, seed {config.seed})"
-    manifest = ManifestPairs(list(config.manifests), tuple(config.size), config.seed + 2)
-    names = ", ".join(Path(m).name for m in config.manifests)
-    if synthetic is None:
-        return manifest, f"manifest pairs: {names}"
-    return MixedPairs(synthetic, manifest, config.synthetic), (
-        f"{config.synthetic:.0%} synthetic {config.dimension}D pairs, the rest from {names}")
-
+        return MaskChannels(source, config.mask_channels, config.seed + 3, share), (
+            f"{note}; {config.mask_channels} {masks} mask channels")
+    return source, note

@@ -31,7 +31,7 @@ from fmreg.errors import FmregError
 from fmreg.transforms.velocity import resize_vectors, scaling_and_squaring
 
 __all__ = ["SyntheticConfig", "SyntheticPair", "SyntheticPairs", "augment", "flip_permute", "flip_permute_points",
-           "integrate_velocity", "label_logits", "labels_at", "random_affine", "random_deformation",
+           "corrupt", "integrate_velocity", "label_logits", "labels_at", "random_affine", "random_deformation",
            "random_flip_permute", "random_label_map", "random_velocity", "render", "smooth_noise", "synthesize_pair"]
 
 
@@ -309,6 +309,18 @@ def render(labels: Tensor, generator: torch.Generator, config: SyntheticConfig) 
     image = image.reshape(b, 1, *shape)
     sigmas = _uniform(generator, *config.blur_range, b)
     image = torch.cat([_blur(image[i:i + 1], float(sigmas[i])) for i in range(b)])
+    return corrupt(image, generator, config)
+
+
+def corrupt(image: Tensor, generator: torch.Generator, config: SyntheticConfig) -> Tensor:
+    """Acquisition-like corruption of ``(B, 1, *shape)`` images: a multiplicative smooth bias
+    field, min-max scaling, a random gamma, additive Gaussian noise, a final min-max scaling.
+
+    Returns:
+        ``(B, 1, *shape)`` float32 images in ``[0, 1]``.
+    """
+    b, shape = image.shape[0], image.shape[2:]
+    view = (b, 1) + (1,) * len(shape)
     log_bias = smooth_noise(shape, config.bias_smoothness, generator, batch=b)
     image = _min_max(image * torch.exp(log_bias * _uniform(generator, 0.0, config.bias_strength, b).view(view)))
     image = image ** torch.exp(torch.randn(b, generator=generator) * config.gamma_std).view(view)
@@ -356,7 +368,7 @@ def flip_permute_points(points: Tensor, perm: Sequence[int], flips: Sequence[boo
     return (comps[..., list(perm)] * sign).flip(-1)
 
 
-def _affine_points(matrix: Tensor, offset: Tensor, shape: Sequence[int]) -> Tensor:
+def affine_points(matrix: Tensor, offset: Tensor, shape: Sequence[int]) -> Tensor:
     return identity_points(shape) @ matrix.T + offset
 
 
@@ -379,7 +391,7 @@ def augment(moving: Tensor, fixed: Tensor, generator: torch.Generator,
     """
     shape, out = tuple(moving.shape[2:]), []
     for i in range(moving.shape[0]):
-        pair = [sample_normalized(image[i:i + 1], _affine_points(*random_affine(shape, generator, config), shape),
+        pair = [sample_normalized(image[i:i + 1], affine_points(*random_affine(shape, generator, config), shape),
                                   padding="border") for image in (moving, fixed)]
         perm, flips = random_flip_permute(shape, generator, config.flip_probability, config.permute_probability)
         out.append(flip_permute(torch.cat(pair, dim=1), perm, flips))
@@ -419,7 +431,7 @@ def synthesize_pair(config: SyntheticConfig, generator: torch.Generator, truth: 
         velocity = random_velocity(shape, amplitude, cfg.deformation_smoothness, generator)
         matrix, offset = random_affine(shape, generator, cfg)
         phi_disp = integrate_velocity(velocity, shape, cfg.integration_steps) - identity_points(shape)
-        affine_pts = _affine_points(matrix, offset, shape)
+        affine_pts = affine_points(matrix, offset, shape)
         sides.append((velocity, matrix, offset, affine_pts + sample_vectors(phi_disp, affine_pts)))
     labels = labels_at(logits, torch.cat([sides[0][3], sides[1][3]]))
     images = render(labels, generator, cfg)
@@ -435,7 +447,8 @@ def synthesize_pair(config: SyntheticConfig, generator: torch.Generator, truth: 
     return SyntheticPair(images[0:1], images[1:2], labels[0:1], labels[1:2], t)
 
 
-def _pair_seed(seed: int, index: int) -> int:
+def pair_seed(seed: int, index: int) -> int:
+    """Seed of pair ``index`` of the stream ``seed`` (reproducible, independent of other pairs)."""
     # SeedSequence mixes (seed, index) so that neighbouring streams are unrelated.
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
@@ -464,7 +477,7 @@ class SyntheticPairs:
 
     def pair(self, index: int, truth: bool = False) -> SyntheticPair:
         """Pair ``index`` of the stream (does not move the stream)."""
-        generator = torch.Generator().manual_seed(_pair_seed(self.seed, index))
+        generator = torch.Generator().manual_seed(pair_seed(self.seed, index))
         return synthesize_pair(self.config, generator, truth=truth)
 
     def batch(self, batch_size: int | None = None, rank: int = 0,

@@ -112,3 +112,18 @@ def test_filter_handles_no_candidates_and_bad_input():
         filter_proposals(RoiProposals(flat, torch.zeros(1), torch.zeros(1)))
     with pytest.raises(FmregError):
         filter_proposals(empty, min_area_frac=0.5, max_area_frac=0.1)
+
+
+def test_overlap_cache_serves_subsets_of_its_largest_request_exactly():
+    from fmreg.segment.filtering import OverlapCache, overlap_ratio
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand((6, 12, 12), generator=g) > 0.6
+    cache = OverlapCache(masks)
+    big = torch.tensor([0, 2, 3, 5])
+    assert torch.equal(cache(big), overlap_ratio(masks[big]))
+    sub = torch.tensor([5, 2])
+    assert torch.equal(cache(sub), overlap_ratio(masks[sub]))
+    assert torch.equal(cache.index, big)  # served from the cache
+    other = torch.tensor([1, 4])
+    assert torch.equal(cache(other), overlap_ratio(masks[other]))

@@ -37,6 +37,7 @@ from fmreg.segment.filtering import (
     MIN_AREA_FRAC,
     MIN_SCORE,
     MIN_STABILITY,
+    OverlapCache,
     filter_proposals,
     mask_areas,
 )
@@ -224,6 +225,14 @@ def _analyse(
 
     def one(img: Tensor, obj: Tensor | None) -> SliceRois:
         raw = segmenter.segment(img)
+        # The light filter first: its candidates include the strict one's (smaller minimum
+        # area, no score rules), so the strict filter reuses its pairwise overlaps.
+        overlaps = OverlapCache(raw.masks.bool())
+        light = RoiProposals.empty(tuple(img.shape))
+        if opt.global_transform:
+            light = filter_proposals(raw, min_area_frac=opt.global_min_area_frac, max_area_frac=opt.max_area_frac,
+                                     max_overlap=GLOBAL_MAX_OVERLAP, min_score=0.0, min_stability=0.0,
+                                     overlaps=overlaps)
         props = filter_proposals(
             raw,
             min_area_frac=opt.min_area_frac,
@@ -233,11 +242,8 @@ def _analyse(
             min_stability=min_stability,
             max_border_outline=border,
             object_mask=obj,
+            overlaps=overlaps,
         )
-        light = RoiProposals.empty(tuple(img.shape))
-        if opt.global_transform:
-            light = filter_proposals(raw, min_area_frac=opt.global_min_area_frac, max_area_frac=opt.max_area_frac,
-                                     max_overlap=GLOBAL_MAX_OVERLAP, min_score=0.0, min_stability=0.0)
         if not len(props) and not len(light):
             return SliceRois(props, torch.zeros(0, 1), light, torch.zeros(0, 1))
         features = encoder.features(img)

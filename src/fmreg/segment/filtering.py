@@ -28,6 +28,7 @@ __all__ = [
     "mask_areas",
     "mask_block",
     "overlap_ratio",
+    "OverlapCache",
 ]
 
 # Paper 002, Sec. 4.2: ROI areas between 200 and 7000 px on its 200x200 images, kept here as
@@ -119,6 +120,31 @@ def overlap_ratio(masks: Tensor) -> Tensor:
     return torch.where(smaller > 0, inter / smaller.clamp_min(1), torch.zeros_like(inter))
 
 
+class OverlapCache:
+    """:func:`overlap_ratio` of subsets of one mask stack, computed once for the largest subset
+    asked for: two filters of the same proposals (a strict one and a light one whose candidates
+    include the strict one's) pay for one pairwise product.
+
+    Args:
+        masks: ``(K, H, W)`` bool.
+    """
+
+    def __init__(self, masks: Tensor) -> None:
+        self.masks = masks
+        self.index = torch.zeros(0, dtype=torch.long)
+        self.ratio = torch.zeros((0, 0), dtype=torch.float64)
+
+    def __call__(self, cand: Tensor) -> Tensor:
+        """``(n, n)`` overlap ratios of ``masks[cand]``."""
+        where = torch.full((self.masks.shape[0],), -1, dtype=torch.long)
+        where[self.index] = torch.arange(self.index.numel())
+        pos = where[cand]
+        if cand.numel() and bool((pos >= 0).all()):
+            return self.ratio[pos][:, pos]
+        self.index, self.ratio = cand.clone(), overlap_ratio(self.masks[cand])
+        return self.ratio
+
+
 def border_outline_fraction(masks: Tensor) -> Tensor:
     """Fraction of each mask's outline that lies on the image border.
 
@@ -176,6 +202,7 @@ def filter_proposals(
     max_border_outline: float | None = None,
     object_mask: Tensor | None = None,
     max_background: float = MAX_BACKGROUND,
+    overlaps: OverlapCache | None = None,
 ) -> RoiProposals:
     """Drop implausible and redundant ROI candidates.
 
@@ -203,6 +230,8 @@ def filter_proposals(
             :data:`MAX_BORDER_OUTLINE` drops strips cut out by the field of view.
         object_mask: ``(H, W)`` bool, the imaged object; None (unknown) skips the background rule.
         max_background: Largest kept fraction of a mask outside ``object_mask``.
+        overlaps: Pairwise overlaps of ``props.masks`` shared with another filter of the same
+            proposals (:class:`OverlapCache`); None computes them here.
 
     Returns:
         The kept candidates, in their original relative order.
@@ -230,10 +259,11 @@ def filter_proposals(
         ok &= border_outline_fraction(masks) <= max_border_outline
     if object_mask is not None:
         ok &= background_fraction(masks, object_mask) <= max_background
-    return props.select(_non_overlapping(props, masks, torch.nonzero(ok).flatten(), max_overlap))
+    overlaps = overlaps or OverlapCache(masks)
+    return props.select(_non_overlapping(props, overlaps, torch.nonzero(ok).flatten(), max_overlap))
 
 
-def _non_overlapping(props: RoiProposals, masks: Tensor, cand: Tensor, max_overlap: float) -> Tensor:
+def _non_overlapping(props: RoiProposals, overlaps: OverlapCache, cand: Tensor, max_overlap: float) -> Tensor:
     """Indices of ``cand`` kept by the overlap rule (rule 4 of :func:`filter_proposals`), sorted."""
     if cand.numel() == 0:
         return cand
@@ -243,7 +273,7 @@ def _non_overlapping(props: RoiProposals, masks: Tensor, cand: Tensor, max_overl
     order = sorted(
         range(cand.numel()), key=lambda i: (-float(sub_scores[i]), -float(sub_stab[i]), i)
     )
-    ratio = overlap_ratio(masks[cand]).numpy()
+    ratio = overlaps(cand).numpy()
     kept: list[int] = []
     for i in order:
         if not kept or bool((ratio[i, kept] <= max_overlap).all()):

@@ -173,3 +173,18 @@ def test_training_on_manifest_pairs_and_refusing_a_manifest_without_usable_pairs
     assert main([*base, "-o", str(tmp_path / "bad"), "--manifest", str(manifest3d)]) == 1
     assert "holds no usable 2D pair for training" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_manifest_pairs_are_augmented_and_shard_like_one_process(tmp_path):
+    from fmreg.training.data import ManifestPairs
+
+    manifest = _phantom_manifest(tmp_path, 2)
+    one = ManifestPairs([str(manifest)], (32, 32), seed=4)
+    shards = [ManifestPairs([str(manifest)], (32, 32), seed=4) for _ in range(2)]
+    moving, fixed = one.batch(4)
+    parts = [s.batch(2, rank=r, world_size=2) for r, s in enumerate(shards)]
+    assert torch.equal(moving, torch.cat([p[0] for p in parts])) and torch.equal(fixed, torch.cat([p[1] for p in parts]))
+    # Augmented: no drawn image is one of the stored ones unchanged.
+    stored = torch.stack([img for pair in one.images for img in pair])
+    for image in torch.cat([moving, fixed]):
+        assert (stored - image).abs().flatten(1).max(1).values.min() > 1e-3

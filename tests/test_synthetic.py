@@ -5,9 +5,9 @@ import torch
 
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.sampling import identity_points, sample_normalized
+from fmreg.training.augment import augment, flip_permute, flip_permute_points
 from fmreg.training.synthetic import (
-    SyntheticConfig, SyntheticPairs, augment, flip_permute, flip_permute_points, integrate_velocity,
-    random_deformation, random_label_map, random_velocity, render,
+    SyntheticConfig, SyntheticPairs, integrate_velocity, random_deformation, random_label_map, random_velocity, render,
 )
 from fmreg.transforms.displacement import DisplacementField, jacobian_determinant
 

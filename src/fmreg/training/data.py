@@ -2,7 +2,7 @@
 
 Manifest pairs are read once, brought to the network's input size over each image's own
 extent with uniGradICON's intensity preprocessing (:func:`fmreg.core.intensity.foundation_normalize`),
-and drawn at random in both directions; label maps are not used for training.
+drawn at random in both directions and augmented; label maps are not used for training.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from torch import Tensor
 from fmreg.errors import FmregError
 from fmreg.io.manifest import read_manifest
 from fmreg.nn.images import network_input
+from fmreg.training.augment import augment
 from fmreg.training.config import TrainConfig
+from fmreg.training.synthetic import SyntheticConfig
 
 
 class ManifestPairs:
@@ -42,18 +44,22 @@ class ManifestPairs:
         if not self.images:
             raise FmregError(f"{', '.join(manifests)} holds no usable {len(self.size)}D pair for training")
         self.generator = torch.Generator().manual_seed(seed)
+        self.augmentation = SyntheticConfig.default(len(self.size), shape=self.size)
 
     def batch(self, n: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
-        """This process's ``(moving, fixed)``: ``(n, 1, *size)`` images in [0, 1].
+        """This process's ``(moving, fixed)``: ``(n, 1, *size)`` images in [0, 1], augmented
+        (:func:`~fmreg.training.augment.augment`: a small random affine each, the same flips and
+        axis permutation for both).
 
         Every process draws the whole global batch and keeps its share, so the draw does not
         depend on the number of processes.
         """
-        index = torch.randint(len(self.images), (n * world_size,), generator=self.generator)
-        index = index[rank * n:(rank + 1) * n].tolist()
+        index = torch.randint(len(self.images), (n * world_size,), generator=self.generator).tolist()
         moving = torch.stack([self.images[i][0] for i in index])
         fixed = torch.stack([self.images[i][1] for i in index])
-        return moving, fixed
+        # The whole global batch is augmented in every process, so the stream stays in step.
+        moving, fixed = augment(moving, fixed, self.generator, self.augmentation)
+        return moving[rank * n:(rank + 1) * n], fixed[rank * n:(rank + 1) * n]
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -174,7 +180,7 @@ def make_pair_source(config: TrainConfig):
     between the synthetic generator (``synthetic``) and the manifests.
     """
     from fmreg.training.labelled import LabelledPairs, describe
-    from fmreg.training.synthetic import SyntheticConfig, SyntheticPairs
+    from fmreg.training.synthetic import SyntheticPairs
 
     synthetic_config = SyntheticConfig.default(config.dimension, shape=tuple(config.size))
     rest = 1.0 - (config.labelled_share if config.labelled else 0.0)

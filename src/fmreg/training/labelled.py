@@ -22,17 +22,8 @@ from torch import Tensor
 
 from fmreg.core.sampling import identity_points, sample_normalized, sample_vectors
 from fmreg.errors import FmregError
-from fmreg.training.synthetic import (
-    SyntheticConfig,
-    affine_points,
-    corrupt,
-    flip_permute,
-    integrate_velocity,
-    pair_seed,
-    random_affine,
-    random_flip_permute,
-    random_velocity,
-)
+from fmreg.training.augment import affine_points, flip_permute, random_affine, random_flip_permute
+from fmreg.training.synthetic import SyntheticConfig, corrupt, integrate_velocity, pair_seed, random_velocity
 
 #: Slices are drawn from the middle of each axis (this fraction of it): the outer slices of a
 #: head or body volume hold mostly background.

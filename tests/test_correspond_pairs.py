@@ -15,7 +15,8 @@ import torch
 
 from fmreg.core.grid import Grid, through_plane_axis
 from fmreg.core.image import Image
-from fmreg.correspond.pairs import RoiPair, SamRegOptions, find_roi_pairs, label_roi_pairs
+from fmreg.correspond.labels import label_roi_pairs
+from fmreg.correspond.pairs import RoiPair, SamRegOptions, find_roi_pairs
 from fmreg.errors import FmregError
 from fmreg.segment.base import Encoder, RoiProposals, Segmenter
 

@@ -5,8 +5,8 @@ array axis with the coarsest spacing); the ROIs of fixed slice ``s`` are matched
 the ROIs of moving slices ``s-δs … s+δs`` (Alg. 1, Table 5) and each matched pair is lifted
 back into 3D as two single-slice masks, so the dense fit can move tissue between slices.
 
-:func:`label_roi_pairs` (the paper's Case 1) takes the pairs straight from label maps
-instead; it is an upper bound.
+:func:`fmreg.correspond.labels.label_roi_pairs` (the paper's Case 1) takes the pairs straight
+from label maps instead; it is an upper bound.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from fmreg.core.image import Image
 from fmreg.correspond.consensus import GlobalMatch, consensus_similarity, region_moments, to_physical
 from fmreg.correspond.matching import SIMILARITY_THRESHOLD, match_rois, similarity_matrix
 from fmreg.correspond.prototypes import roi_prototypes
-from fmreg.errors import FmregError
 from fmreg.segment.base import Encoder, RoiProposals, Segmenter
 from fmreg.segment.object import object_mask
 from fmreg.segment.filtering import (
@@ -42,7 +41,7 @@ from fmreg.segment.filtering import (
     mask_areas,
 )
 
-__all__ = ["Correspondences", "RoiPair", "SamRegOptions", "find_correspondences", "find_roi_pairs", "label_roi_pairs"]
+__all__ = ["Correspondences", "RoiPair", "SamRegOptions", "find_correspondences", "find_roi_pairs"]
 
 log = logging.getLogger("fmreg")
 
@@ -470,33 +469,3 @@ def find_roi_pairs(fixed: Image, moving: Image, segmenter: Segmenter, encoder: E
                    options: SamRegOptions | None = None, timings: dict | None = None) -> list[RoiPair]:
     """The ROI pairs of :func:`find_correspondences` without a global move (``local_pairs``)."""
     return find_correspondences(fixed, moving, segmenter, encoder, options, timings).local_pairs
-
-
-def label_roi_pairs(
-    fixed_labels: Image, moving_labels: Image, values: Sequence[int] | None = None
-) -> list[RoiPair]:
-    """Case 1 of the paper: one pair per label value present in both maps (0 excluded).
-
-    Args:
-        fixed_labels, moving_labels: integer label maps (any dimensionality).
-        values: label values to pair; None takes every non-zero value in both maps.
-
-    Returns:
-        Pairs of whole-image masks with similarity 1 and source ``"labels:<value>"``.
-
-    Raises:
-        FmregError: no value is present in both maps.
-    """
-    if values is None:
-        present = [
-            set(np.unique(lab.data.numpy()).tolist()) for lab in (fixed_labels, moving_labels)
-        ]
-        values = sorted(present[0] & present[1] - {0})
-    pairs = []
-    for v in values:
-        fm, mm = fixed_labels.data == v, moving_labels.data == v
-        if fm.any() and mm.any():
-            pairs.append(RoiPair(fm, mm, 1.0, source=f"labels:{v}"))
-    if not pairs:
-        raise FmregError("the label maps share no non-zero label value: nothing to pair")
-    return pairs

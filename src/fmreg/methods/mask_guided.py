@@ -19,7 +19,8 @@ from torch import Tensor
 from fmreg.core.grid import through_plane_axis
 from fmreg.core.image import Image, check_label_grid, check_pair
 from fmreg.core.intensity import resize
-from fmreg.correspond.pairs import RoiPair, find_roi_pairs, label_roi_pairs
+from fmreg.correspond.labels import label_roi_pairs
+from fmreg.correspond.pairs import RoiPair, find_roi_pairs
 from fmreg.errors import FmregError
 from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.gradicon import WEIGHTS_PACKAGE, weights_card

@@ -31,7 +31,8 @@ import torch
 from fmreg.core.grid import Frame, through_plane_axis
 from fmreg.core.intensity import resize
 from fmreg.core.image import Image, check_pair
-from fmreg.correspond.pairs import Correspondences, RoiPair, SamRegOptions, find_correspondences, label_roi_pairs
+from fmreg.correspond.labels import label_roi_pairs
+from fmreg.correspond.pairs import Correspondences, RoiPair, SamRegOptions, find_correspondences
 from fmreg.errors import FmregError
 from fmreg.methods.base import Extra, RegistrationResult, add_method
 from fmreg.methods.params import check_params, declare, with_defaults

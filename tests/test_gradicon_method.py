@@ -188,3 +188,9 @@ def test_manifest_pairs_are_augmented_and_shard_like_one_process(tmp_path):
     stored = torch.stack([img for pair in one.images for img in pair])
     for image in torch.cat([moving, fixed]):
         assert (stored - image).abs().flatten(1).max(1).values.min() > 1e-3
+
+
+def test_training_with_the_mind_ssc_similarity(tmp_path):
+    assert main(["train", "-o", str(tmp_path / "r"), "--steps", "1", *TRAIN, "--similarity", "mind-ssc"]) == 0
+    card = json.loads((tmp_path / "r" / "model.json").read_text())
+    assert card["config"]["similarity"] == "mind-ssc" and card["final_loss"]["similarity"] > 0

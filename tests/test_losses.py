@@ -153,3 +153,20 @@ def test_gaussian_lncc_is_one_under_an_increasing_affine_intensity_change():
     assert float(gaussian_lncc(img, -img, sigma=2.0, squared=True)) == pytest.approx(1.0, abs=1e-3)
     ones = torch.ones(1, 1, 30, 30)
     assert_close(gaussian_blur(ones, 2.0)[0, 0, 10:20, 10:20], torch.ones(10, 10))  # a normalised kernel
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 24, 20), (1, 1, 10, 12, 14)])
+def test_mind_ssc_similarity_ignores_contrast_and_sees_a_shift(shape):
+    from fmreg.core.descriptors import blur_replicate, mind_ssc
+    from fmreg.losses.image import MINDSSC
+
+    g = torch.Generator().manual_seed(0)
+    x = blur_replicate(torch.rand(shape, generator=g), 1.0)
+    assert mind_ssc(x).shape[1] == (6 if len(shape) == 4 else 12)
+    loss = MINDSSC()
+    # Descriptors depend on intensity differences over their local variance: an affine
+    # intensity change, even an inversion, leaves them as they are.
+    assert_close(loss(x, 0.5 - 3.0 * x).total, torch.tensor(0.0), atol=1e-6, rtol=0)
+    shifted = torch.roll(x, 2, dims=-1)
+    assert float(loss(shifted, x).total) > 1e-3
+    assert set(loss(x, x).terms) == {"mind_ssc"}

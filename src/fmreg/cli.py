@@ -366,8 +366,9 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
     depth: int = arg("--depth", help="U-Net levels (uniGradICON: 5)", type=int, default=5, metavar="L")
     batch: int = arg("--batch", help="pairs per step over all processes", type=int, default=8, metavar="B")
     lr: float = arg("--lr", help="Adam learning rate", type=float, default=1e-3)
-    similarity: str = arg("--similarity", help="lncc (uniGradICON) or squared-lncc (contrast-sign blind)", default="lncc",
-                          choices=("lncc", "squared-lncc"))
+    similarity: str = arg("--similarity", help="lncc (uniGradICON), squared-lncc (contrast-sign blind) or mind-ssc "
+                          "(MIND-SSC descriptors: contrast-independent)", default="lncc",
+                          choices=("lncc", "squared-lncc", "mind-ssc"))
     seed: int = arg("--seed", help="seed of weights, data and sample points", type=int, default=0)
     checkpoint_every: int = arg("--checkpoint-every", help="steps between checkpoints", type=int, default=100, metavar="K")
     validate: str | None = arg("--validate", help="score this manifest's labelled pairs (Dice, folding) during training", metavar="CSV")

@@ -95,6 +95,22 @@ class MSE(nn.Module):
         return LossRecord(value, {"mse": value})
 
 
+class MINDSSC(nn.Module):
+    """Mean squared difference of the MIND-SSC descriptors (:func:`~fmreg.core.descriptors.mind_ssc`)
+    of ``(B, 1, *shape)`` images: a structure-only dissimilarity for pairs whose contrasts
+    differ; the record's ``mind_ssc`` term is the value."""
+
+    def __init__(self, dilation: int = 2, sigma: float = 1.0) -> None:
+        super().__init__()
+        self.dilation, self.sigma = dilation, sigma
+
+    def forward(self, warped: Tensor, fixed: Tensor) -> LossRecord:
+        from fmreg.core.descriptors import mind_ssc
+
+        value = ((mind_ssc(warped, self.dilation, self.sigma) - mind_ssc(fixed, self.dilation, self.sigma)) ** 2).mean()
+        return LossRecord(value, {"mind_ssc": value})
+
+
 class LNCC(nn.Module):
     """``1 − lncc``; the record's ``lncc`` term is the similarity itself."""
 

@@ -13,7 +13,7 @@ from fmreg.optimize.sharpness_aware import SharpnessAware
 
 MODELS = ("gradicon", "mask-guided")
 OPTIMIZERS = ("adam", "sharpness-aware", "adaptive-sharpness-aware")
-SIMILARITIES = ("lncc", "squared-lncc")
+SIMILARITIES = ("lncc", "squared-lncc", "mind-ssc")
 #: Where a mask-guided run's training masks come from (see :class:`~fmreg.training.data.MaskChannels`).
 MASK_SOURCES = ("labels", "segmenter", "mixed")
 #: The paper-001 encoders' widths at 1, 1/2, 1/4 and 1/8 resolution.
@@ -46,7 +46,8 @@ class TrainConfig:
         seed: Seeds the weights, the data stream and the GradICON sample points.
         lmbda: Weight λ of the inverse-consistency term.
         sigma: LNCC Gaussian window σ, voxels.
-        similarity: ``lncc`` (uniGradICON's) or ``squared-lncc`` (sign-blind: for pairs whose
+        similarity: ``lncc`` (uniGradICON's), ``mind-ssc`` (descriptor differences: contrast-
+            independent) or ``squared-lncc`` (sign-blind: for pairs whose
             contrasts may invert).
         synthetic: Share of synthetic pairs in each batch (1: synthetic only, 0: manifest only).
         manifests: Training manifests (pairs of any kind; labels are not used for training).

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fmreg.errors import FmregError
 from fmreg.losses.gradicon import gradicon_loss, perturbed_identity
-from fmreg.losses.image import GaussianLNCC
+from fmreg.losses.image import MINDSSC, GaussianLNCC
 from fmreg.optimize.sharpness_aware import SharpnessAware, frozen_batchnorm_stats
 from fmreg.training.checkpoint import save_checkpoint
 from fmreg.training.config import TrainConfig, build_model, build_optimizer
@@ -45,11 +45,11 @@ class GradICONObjective(nn.Module):
     #: Tensors of a batch it takes: moving, fixed.
     inputs = 2
 
-    def __init__(self, network: nn.Module, lmbda: float, sigma: float, squared: bool = False) -> None:
+    def __init__(self, network: nn.Module, lmbda: float, sigma: float, similarity: str = "lncc") -> None:
         super().__init__()
         self.network = network
         self.lmbda = lmbda
-        self.similarity = GaussianLNCC(sigma, squared)
+        self.similarity = MINDSSC() if similarity == "mind-ssc" else GaussianLNCC(sigma, similarity == "squared-lncc")
 
     def forward(self, moving: Tensor, fixed: Tensor, points: Tensor) -> dict[str, Tensor]:
         record = gradicon_loss(self.network, moving, fixed, self.similarity, self.lmbda, points)
@@ -79,7 +79,7 @@ def build_objective(model: nn.Module, config: TrainConfig) -> nn.Module:
     """The objective of ``config.model`` around ``model``."""
     if config.model == "mask-guided":
         return MaskGuidedObjective(model, config.loss_weights, config.mask_inputs)
-    return GradICONObjective(model.regis_net, config.lmbda, config.sigma, squared=config.similarity == "squared-lncc")
+    return GradICONObjective(model.regis_net, config.lmbda, config.sigma, config.similarity)
 
 
 @dataclass

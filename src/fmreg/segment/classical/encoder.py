@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fmreg.core.descriptors import mind_ssc
 from fmreg.core.intensity import normalize
 from fmreg.errors import FmregError
 from fmreg.segment.classical.common import as_slice, check_options
@@ -82,51 +83,6 @@ def _gradient_magnitude(x: Tensor) -> Tensor:
     gy = 0.5 * (p[:, :, 2:, 1:-1] - p[:, :, :-2, 1:-1])
     gx = 0.5 * (p[:, :, 1:-1, 2:] - p[:, :, 1:-1, :-2])
     return torch.sqrt(gy * gy + gx * gx)
-
-
-def mind_ssc(x: Tensor, dilation: int = MIND_DILATION, sigma: float = MIND_SIGMA) -> Tensor:
-    """2D MIND-SSC: the modality-independent self-similarity context descriptor.
-
-    MIND-SSC (Heinrich et al., MICCAI 2013) describes each pixel by how similar the patches
-    around pairs of its neighbours are to each other, so that it depends on local structure,
-    not on the intensity mapping: two images of different modalities (or contrasts) give
-    comparable descriptors. The 3D descriptor compares patches around the pairs of the
-    6-neighbourhood; this 2D variant uses the 4-neighbourhood at distance ``dilation`` (up,
-    right, down, left) and all 6 of its pairs: the 4 diagonal pairs (distance
-    ``sqrt(2) * dilation``) and the 2 opposite ones. Patch distances are Gaussian-weighted
-    (``sigma``) squared differences, divided by their mean over the 6 channels (the local
-    variance, bounded to ``[1e-3, 1e3]`` times its image mean so flat regions do not divide
-    by ~0).
-
-    It is a plain, batched tensor function, differentiable in ``x`` (the variance bounds
-    are constants), so a similarity loss can compare descriptors of two images.
-
-    Args:
-        x: ``(N, 1, H, W)`` float images, any intensity range (array order, pixels).
-        dilation: neighbour distance in pixels.
-        sigma: Gaussian patch sigma in pixels (0: single-pixel patches).
-
-    Returns:
-        ``(N, 6, H, W)`` in (0, 1] on ``x``'s grid, the largest channel of every pixel
-        equal to 1. Borders are handled by replicating edge pixels.
-    """
-    d = int(dilation)
-    h, w = x.shape[-2:]
-    xp = F.pad(x, (d, d, d, d), mode="replicate")
-    nbr = [(-d, 0), (0, d), (d, 0), (0, -d)]
-
-    def shifted(off: tuple[int, int]) -> Tensor:
-        return xp[:, :, d + off[0] : d + off[0] + h, d + off[1] : d + off[1] + w]
-
-    pairs = [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2), (1, 3)]
-    dist = torch.cat([(shifted(nbr[a]) - shifted(nbr[b])) ** 2 for a, b in pairs], dim=1)
-    dist = gaussian_blur(dist, sigma)
-    var = dist.mean(dim=1, keepdim=True)
-    # Bound the local variance as MIND does, so flat regions do not divide by ~0.
-    vm = var.mean()
-    var = var.clamp(min=float(vm) * 1e-3 + 1e-12, max=float(vm) * 1e3 + 1e-12)
-    mind = torch.exp(-dist / var)
-    return mind / mind.amax(dim=1, keepdim=True)
 
 
 def _standardise(ch: Tensor) -> Tensor:

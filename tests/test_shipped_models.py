@@ -19,9 +19,13 @@ def test_the_2d_gradicon_model_and_its_card_ship_with_fmreg():
     weights = shipped_weights(2)
     card = json.loads(weights.with_suffix(".json").read_text())
     assert card["model"] == "gradicon" and card["dimension"] == 2
-    # Trained on synthetic data only: no pair of ../shared/data/pairs.csv was seen.
-    assert card["data"].startswith("synthetic 2D pairs") and "manifests" not in card["data"]
+    # Trained on synthetic pairs and deformed copies of brain3d only: no pair of
+    # ../shared/data/pairs.csv was seen, in this run or the ones it continued.
     assert card["config"]["manifests"] == [] and card["config"]["synthetic"] == 1.0
+    assert [Path(p).name for p in card["config"]["labelled"]] == ["test_scan.npz"]
+    for stage in card["pretraining"]:
+        assert stage["data"].startswith("synthetic 2D pairs") and "--manifest" not in stage["command"]
+    assert card["total_steps"] == card["steps"] + sum(stage["steps"] for stage in card["pretraining"])
     assert card["steps"] > 0 and card["wall_time_s"] > 0 and card["command"].startswith("fmreg train")
     assert weights.stat().st_size < 10e6  # a few MB
 

@@ -119,16 +119,16 @@ class MaskGuidedLoss(nn.Module):
     """:func:`mask_guided_loss` with its settings held: ``loss(network, moving, fixed, mm, fm)``."""
 
     def __init__(self, weights: Mapping[str, float] | None = None, spacing: Sequence[float] | None = None,
-                 tau: float = 0.1, ncc_sigma: float = 2.5) -> None:
+                 tau: float = 0.1, ncc_sigma: float = 2.5, mask_inputs: bool = True) -> None:
         super().__init__()
         self.weights = dict(weights or {})
         self.spacing = None if spacing is None else tuple(spacing)
-        self.tau, self.ncc_sigma = tau, ncc_sigma
+        self.tau, self.ncc_sigma, self.mask_inputs = tau, ncc_sigma, mask_inputs
 
     def forward(self, network: nn.Module, moving: Tensor, fixed: Tensor, moving_masks: Tensor,
                 fixed_masks: Tensor) -> LossRecord:
         return mask_guided_loss(network, moving, fixed, moving_masks, fixed_masks, self.weights, self.spacing,
-                                self.tau, self.ncc_sigma)
+                                self.tau, self.ncc_sigma, self.mask_inputs)
 
 
 __all__ = ["DEFAULT_WEIGHTS", "MaskGuidedLoss", "mask_guided_loss", "normalized_to_mm"]

@@ -64,14 +64,13 @@ class MaskGuidedObjective(nn.Module):
 
     def __init__(self, network: nn.Module, weights: dict[str, float] | None = None, mask_inputs: bool = True) -> None:
         super().__init__()
-        self.network, self.weights, self.mask_inputs = network, dict(weights or {}), mask_inputs
+        from fmreg.losses.mask_guided import MaskGuidedLoss
+
+        self.network, self.loss = network, MaskGuidedLoss(weights, mask_inputs=mask_inputs)
 
     def forward(self, moving: Tensor, fixed: Tensor, moving_masks: Tensor, fixed_masks: Tensor,
                 points: Tensor) -> dict[str, Tensor]:
-        from fmreg.losses.mask_guided import mask_guided_loss
-
-        record = mask_guided_loss(self.network, moving, fixed, moving_masks, fixed_masks, self.weights,
-                                  mask_inputs=self.mask_inputs)
+        record = self.loss(self.network, moving, fixed, moving_masks, fixed_masks)
         return {"loss": record.total, **{k: v for k, v in record.terms.items() if k != "total"}}
 
 

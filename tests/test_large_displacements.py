@@ -103,3 +103,13 @@ def test_roi_pairs_alone_carry_most_of_the_move(kind):
     result = get_method("samreg", image_weight=0.0, pair_source="consensus").register(kp.fixed, kp.moving)
     tre = target_registration_error(result.field, kp.truth)
     assert tre["mean"] < tre["identity_mean"] / 3, tre
+
+
+def test_mask_guided_takes_the_roi_pairs_that_agree_with_the_global_move():
+    from fmreg.methods.mask_guided import MaskGuidedMethod
+
+    kp = _pair("cell", seed=1)
+    consensus = MaskGuidedMethod(pair_source="consensus")._pairs(kp.fixed, kp.moving, None, None)
+    matched = MaskGuidedMethod(pair_source="matched")._pairs(kp.fixed, kp.moving, None, None)
+    assert consensus and {p.source for p in consensus} == {"consensus"}
+    assert matched and {p.source for p in matched} == {"match"}

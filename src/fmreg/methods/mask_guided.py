@@ -1,7 +1,9 @@
 """``mask-guided`` (paper 001): a network that sees the images and matched ROI masks of both.
 
-Masks come from SAMReg's ROI pairs (``segmenter`` classical or sam: pair ``k``, by decreasing
-similarity, fills channel ``k`` of both mask inputs, missing pairs are empty channels), or,
+Masks come from SAMReg's ROI pairs (``segmenter`` classical, sam or medsam; ``pair_source``
+consensus: the pairs that agree with the global move the ROIs agree on, when there is one; pair
+``k``, by decreasing similarity, fills channel ``k`` of both mask inputs, missing pairs are empty
+channels), or,
 for ``mask-guided-labels``, from the label maps (an upper bound that sees the ground truth).
 Geometry as for ``gradicon`` (:mod:`fmreg.nn.images`).
 """
@@ -20,7 +22,7 @@ from fmreg.core.grid import through_plane_axis
 from fmreg.core.image import Image, check_label_grid, check_pair
 from fmreg.core.intensity import resize
 from fmreg.correspond.labels import label_roi_pairs
-from fmreg.correspond.pairs import RoiPair, find_roi_pairs
+from fmreg.correspond.pairs import RoiPair, SamRegOptions, find_correspondences
 from fmreg.errors import FmregError
 from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.gradicon import WEIGHTS_PACKAGE, weights_card
@@ -82,6 +84,7 @@ def slice_mask_channels(pairs: list[RoiPair], axis: int, moving_index: Tensor, s
 
 
 SEGMENTERS = ("classical", "sam", "medsam")
+PAIR_SOURCES = ("consensus", "matched")
 
 
 class MaskGuidedMethod:
@@ -90,19 +93,24 @@ class MaskGuidedMethod:
     name = "mask-guided"
     uses_labels = False
 
-    def __init__(self, weights: str | None = None, segmenter: str = "classical", model: str | None = None) -> None:
+    def __init__(self, weights: str | None = None, segmenter: str = "classical", model: str | None = None,
+                 pair_source: str = "consensus") -> None:
         if segmenter not in SEGMENTERS:
             raise FmregError(f"unknown segmenter '{segmenter}': choose one of {', '.join(SEGMENTERS)}")
-        self.weights, self.segmenter, self.model = weights, segmenter, model
+        if pair_source not in PAIR_SOURCES:
+            raise FmregError(f"unknown pair_source '{pair_source}': choose one of {', '.join(PAIR_SOURCES)}")
+        self.weights, self.segmenter, self.model, self.pair_source = weights, segmenter, model, pair_source
 
     PARAMS = declare(__init__, {
         "weights": (None, "checkpoint of fmreg train --model mask-guided (null: the model shipped with fmreg)"),
         "segmenter": (SEGMENTERS, "where the ROI masks come from (SAMReg's ROI pairs)"),
         "model": (None, "Segment Anything model folder (sam) or LiteMedSAM weights file (medsam)"),
+        "pair_source": (PAIR_SOURCES, "consensus: when the ROIs agree on a global move, the ROI pairs that agree "
+                                      "with it (else the matched ones); matched: the prototype matches"),
     })
 
     def parameters(self) -> dict[str, Any]:
-        return {"weights": self.weights or "shipped", "segmenter": self.segmenter}
+        return {"weights": self.weights or "shipped", "segmenter": self.segmenter, "pair_source": self.pair_source}
 
     def _weights(self, ndim: int) -> Path:
         if self.weights:
@@ -120,7 +128,10 @@ class MaskGuidedMethod:
         cache: dict = {}
         seg = make_backend(self.segmenter, self.model, "segmenter", cache)
         enc = make_backend(self.segmenter, self.model, "encoder", cache)
-        return find_roi_pairs(fixed, moving, seg, enc)
+        # Wrong matches mislead the network: pairs that agree with the global move the ROIs
+        # found are fewer but more often right (docs/benchmarks.md).
+        found = find_correspondences(fixed, moving, seg, enc, SamRegOptions(pair_source=self.pair_source))
+        return found.global_pairs if self.pair_source == "consensus" and found.global_pairs else found.local_pairs
 
     def register(self, fixed: Image, moving: Image, fixed_labels: Image | None = None,
                  moving_labels: Image | None = None) -> RegistrationResult:

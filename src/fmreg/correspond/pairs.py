@@ -428,8 +428,10 @@ def find_correspondences(
     t0 = time.perf_counter()
     fixed_slices, moving_slices = _slices(fixed, axis), _slices(moving, axis)
     log.info("samreg: segmenting and embedding %d fixed + %d moving slice(s)", len(fixed_slices), len(moving_slices))
-    f_an = _analyse(fixed_slices, _object_slices(fixed, axis, opt), segmenter, encoder, opt)
-    m_an = _analyse(moving_slices, _object_slices(moving, axis, opt), segmenter, encoder, opt)
+    # One pool over both images' slices: two pools would each leave a worker idle on an odd count.
+    analysed = _analyse(fixed_slices + moving_slices,
+                        _object_slices(fixed, axis, opt) + _object_slices(moving, axis, opt), segmenter, encoder, opt)
+    f_an, m_an = analysed[: len(fixed_slices)], analysed[len(fixed_slices):]
     timings["segment_embed"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

@@ -109,3 +109,16 @@ def test_train_on_labelled_images_alone_and_with_synthetic_pairs(tmp_path):
                  "--synthetic", "2d", "--labelled", path]) == 0
     card = json.loads((tmp_path / "b" / "model.json").read_text())
     assert card["data"].startswith("50% pairs made by deforming v.npz; 50% synthetic 2D pairs")
+
+
+def test_the_ground_truth_map_takes_the_fixed_labels_to_the_moving_ones(tmp_path):
+    from fmreg.core.sampling import sample_normalized
+
+    path = str(_volume(tmp_path / "v.npz"))
+    config = SyntheticConfig.default(2, shape=(32, 32), deformation_amplitude=3.0)
+    pair = LabelledPairs([path], config, seed=2).pair(0, truth=True)
+    assert pair.fixed_to_moving.shape == (1, 32, 32, 2)
+    pulled = sample_normalized(pair.moving_labels.float(), pair.fixed_to_moving, mode="nearest").long()
+    inside = (pair.fixed_to_moving.abs() <= 1).all(-1)[:, None]
+    agree = (pulled == pair.fixed_labels)[inside].float().mean()
+    assert float(agree) > 0.95

@@ -404,13 +404,11 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
 
         weights = {}
         for item in self.loss_weight or []:
-            name, sep, value = item.partition("=")
+            name, _, value = item.partition("=")
             try:
                 weights[name.strip()] = float(value)
-            except ValueError:
-                sep = ""
-            if not sep:
-                raise FmregError(f"--loss-weight takes NAME=VALUE (e.g. contour=0), got '{item}'")
+            except ValueError:  # no "=" leaves value empty: not a number either
+                raise FmregError(f"--loss-weight takes NAME=VALUE (e.g. contour=0), got '{item}'") from None
         return weights
 
     def run(self) -> int:

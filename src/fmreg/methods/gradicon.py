@@ -52,7 +52,8 @@ def load_network(weights: str | Path, dimension: int | None = None) -> tuple[Gra
     net, config = load_trained(loaded, str(weights), "gradicon", dimension)
     if net is not None:
         return net, tuple(config["size"])
-    net, size = GradICON(3 if dimension is None else dimension), (175,) * (3 if dimension is None else dimension)
+    dim = 3 if dimension is None else dimension  # the released model is 3D
+    net, size = GradICON(dim), (175,) * dim
     load_weights(net.regis_net, model_weights(loaded), str(weights))
     return net.eval(), size
 

@@ -104,6 +104,11 @@ class TrainConfig:
         self.size = tuple(int(s) for s in self.size)
         self.check()
 
+    @property
+    def labelled_only(self) -> bool:
+        """Every pair comes from the labelled images (no synthetic or manifest share)."""
+        return bool(self.labelled) and self.labelled_share >= 1.0
+
     def check(self) -> None:
         """One-line errors for settings a run cannot use."""
         if self.dimension not in (2, 3) or len(self.size) != self.dimension:
@@ -122,7 +127,7 @@ class TrainConfig:
         for name, value, ok, rule in checks:
             if not ok:
                 raise FmregError(f"--{name} must be {rule}, got {value}")
-        if self.synthetic < 1.0 and not self.manifests and not (self.labelled and self.labelled_share >= 1.0):
+        if self.synthetic < 1.0 and not self.manifests and not self.labelled_only:
             raise FmregError("training on manifest pairs needs --manifest CSV (or --synthetic only)")
         if self.model == "mask-guided":
             self._check_mask_guided()
@@ -144,7 +149,7 @@ class TrainConfig:
                 raise FmregError(f"unknown loss weight '{name}': choose among {', '.join(DEFAULT_WEIGHTS)}")
             if not (value >= 0 and value < float("inf")):
                 raise FmregError(f"--loss-weight {name} must be a finite value >= 0, got {value}")
-        if self.synthetic < 1.0 and not (self.labelled and self.labelled_share >= 1.0):
+        if self.synthetic < 1.0 and not self.labelled_only:
             raise FmregError("mask-guided training needs ROI masks, which manifest pairs do not carry: "
                              "train with --synthetic and/or --labelled")
         step = 2 ** (len(MASK_GUIDED_WIDTHS) - 1)

@@ -20,10 +20,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fmreg.core.sampling import identity_points, sample_normalized, sample_vectors
+from fmreg.core.sampling import identity_points, sample_normalized
 from fmreg.errors import FmregError
-from fmreg.training.augment import affine_points, flip_permute, random_affine, random_flip_permute
-from fmreg.training.synthetic import SyntheticConfig, corrupt, integrate_velocity, pair_seed, random_velocity
+from fmreg.training.augment import flip_permute, random_flip_permute
+from fmreg.training.synthetic import (
+    SyntheticConfig,
+    SyntheticPair,
+    SyntheticPairs,
+    corrupt,
+    fixed_to_moving,
+    pair_seed,
+    random_map,
+)
 
 #: Slices are drawn from the middle of each axis (this fraction of it): the outer slices of a
 #: head or body volume hold mostly background.
@@ -63,11 +71,11 @@ def read_labelled(spec: str) -> tuple[Tensor, Tensor]:
     return (image - image.min()) / (image.max() - image.min()), labels
 
 
-class LabelledPairs:
+class LabelledPairs(SyntheticPairs):
     """An endless, reproducible stream of pairs made from labelled images (module docstring).
 
-    The state is ``(seed, next index)`` as for :class:`~fmreg.training.synthetic.SyntheticPairs`,
-    whose ``batch`` interface (and process sharding) it shares.
+    A :class:`~fmreg.training.synthetic.SyntheticPairs` whose pairs come from the images instead
+    of random label maps: the same seeding, ``batch`` interface, process sharding and state.
 
     Args:
         specs: Labelled images (:func:`read_labelled`).
@@ -76,7 +84,8 @@ class LabelledPairs:
     """
 
     def __init__(self, specs: list[str], config: SyntheticConfig, seed: int = 0) -> None:
-        self.specs, self.config, self.seed, self.index = list(specs), config, int(seed), 0
+        super().__init__(config, seed)
+        self.specs = list(specs)
         self.images = [read_labelled(spec) for spec in self.specs]
         ndim = len(config.shape)
         for spec, (image, _) in zip(self.specs, self.images):
@@ -96,38 +105,27 @@ class LabelledPairs:
         base = sample_normalized(image[None, None], grid)
         return base, sample_normalized(labels[None, None].float(), grid, mode="nearest").long()
 
-    def pair(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Pair ``index``: ``(moving, fixed, moving_labels, fixed_labels)``, each ``(1, 1, *shape)``."""
+    def pair(self, index: int, truth: bool = False) -> SyntheticPair:
+        """Pair ``index`` of the stream (does not move the stream)."""
         cfg, shape = self.config, self.config.shape
         generator = torch.Generator().manual_seed(pair_seed(self.seed, index))
         image, labels = self._base(generator)
-        sides = []
+        maps, sides = [], []
         for _ in range(2):
-            amplitude = float(torch.rand(1, generator=generator)) * cfg.deformation_amplitude
-            velocity = random_velocity(shape, amplitude, cfg.deformation_smoothness, generator)
-            phi = integrate_velocity(velocity, shape, cfg.integration_steps) - identity_points(shape)
-            pts = affine_points(*random_affine(shape, generator, cfg), shape)
-            pts = pts + sample_vectors(phi, pts)
-            warped = corrupt(sample_normalized(image, pts, padding="border"), generator, cfg)
-            sides.append((warped, sample_normalized(labels.float(), pts, mode="nearest").long()))
+            maps.append(random_map(shape, generator, cfg))
+            warped = corrupt(sample_normalized(image, maps[-1].points, padding="border"), generator, cfg)
+            sides.append((warped, sample_normalized(labels.float(), maps[-1].points, mode="nearest").long()))
         perm, flips = random_flip_permute(shape, generator, cfg.flip_probability, cfg.permute_probability)
         (m, ml), (f, fl) = [(flip_permute(x, perm, flips), flip_permute(y, perm, flips)) for x, y in sides]
-        return m, f, ml, fl
-
-    def batch(self, n: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """This process's ``n`` pairs of a global batch of ``n * world_size`` (as ``SyntheticPairs.batch``)."""
-        start = self.index + rank * n
-        pairs = [self.pair(start + i) for i in range(n)]
-        self.index += n * world_size
-        return tuple(torch.cat([p[j] for p in pairs]) for j in range(4))
+        return SyntheticPair(m, f, ml, fl, fixed_to_moving(maps[0], maps[1], perm, flips, cfg) if truth else None)
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "index": self.index, "specs": self.specs}
+        return {**super().state_dict(), "specs": self.specs}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("specs") not in (None, self.specs):
             raise FmregError("the labelled-image state was saved with other images")
-        self.seed, self.index = int(state["seed"]), int(state["index"])
+        super().load_state_dict(state)
 
 
 def describe(specs: list[str]) -> str:

@@ -32,7 +32,7 @@ from fmreg.training.augment import affine_points, flip_permute, flip_permute_poi
 from fmreg.transforms.velocity import resize_vectors, scaling_and_squaring
 
 __all__ = ["SyntheticConfig", "SyntheticPair", "SyntheticPairs", "corrupt", "integrate_velocity", "label_logits",
-           "labels_at", "pair_seed", "random_deformation", "random_label_map", "random_velocity", "render",
+           "labels_at", "pair_seed", "RandomMap", "fixed_to_moving", "random_map", "random_deformation", "random_label_map", "random_velocity", "render",
            "smooth_noise", "synthesize_pair"]
 
 
@@ -326,26 +326,46 @@ def synthesize_pair(config: SyntheticConfig, generator: torch.Generator, truth: 
     n_labels = int(torch.randint(cfg.labels[0], cfg.labels[1] + 1, (1,), generator=generator))
     logits = label_logits(shape, n_labels, cfg.label_smoothness, generator,
                           cfg.label_warp_amplitude, cfg.label_warp_smoothness)
-    sides = []
-    for _ in range(2):
-        amplitude = float(torch.rand(1, generator=generator)) * cfg.deformation_amplitude
-        velocity = random_velocity(shape, amplitude, cfg.deformation_smoothness, generator)
-        matrix, offset = random_affine(shape, generator, cfg)
-        phi_disp = integrate_velocity(velocity, shape, cfg.integration_steps) - identity_points(shape)
-        affine_pts = affine_points(matrix, offset, shape)
-        sides.append((velocity, matrix, offset, affine_pts + sample_vectors(phi_disp, affine_pts)))
-    labels = labels_at(logits, torch.cat([sides[0][3], sides[1][3]]))
+    sides = [random_map(shape, generator, cfg) for _ in range(2)]
+    labels = labels_at(logits, torch.cat([sides[0].points, sides[1].points]))
     images = render(labels, generator, cfg)
     perm, flips = random_flip_permute(shape, generator, cfg.flip_probability, cfg.permute_probability)
     labels, images = flip_permute(labels, perm, flips), flip_permute(images, perm, flips)
-    t = None
-    if truth:
-        # T = P_m⁻¹ ∘ P_f with P = φ ∘ A and φ⁻¹ = exp(−v).
-        velocity_m, matrix_m, offset_m, _ = sides[0]
-        inv_disp = integrate_velocity(-velocity_m, shape, cfg.integration_steps) - identity_points(shape)
-        z = sides[1][3] + sample_vectors(inv_disp, sides[1][3])
-        t = flip_permute_points((z - offset_m) @ torch.linalg.inv(matrix_m).T, perm, flips)
+    t = fixed_to_moving(sides[0], sides[1], perm, flips, cfg) if truth else None
     return SyntheticPair(images[0:1], images[1:2], labels[0:1], labels[1:2], t)
+
+
+@dataclass
+class RandomMap:
+    """One side of a pair: ``P = φ ∘ A`` with ``φ = exp(v)``. Attributes: ``velocity``
+    (:func:`random_velocity`), the affine ``matrix`` and ``offset`` (:func:`random_affine`), and
+    ``points``: ``(1, *shape, ndim)`` normalized ``P(x)`` where the base is sampled."""
+
+    velocity: Tensor
+    matrix: Tensor
+    offset: Tensor
+    points: Tensor
+
+
+def random_map(shape: Sequence[int], generator: torch.Generator, config: SyntheticConfig) -> RandomMap:
+    """Draw one side's map (a deformation of random size up to ``deformation_amplitude``, then
+    the small random affine), from ``generator`` in a fixed order."""
+    amplitude = float(torch.rand(1, generator=generator)) * config.deformation_amplitude
+    velocity = random_velocity(shape, amplitude, config.deformation_smoothness, generator)
+    matrix, offset = random_affine(shape, generator, config)
+    phi_disp = integrate_velocity(velocity, shape, config.integration_steps) - identity_points(shape)
+    affine_pts = affine_points(matrix, offset, shape)
+    return RandomMap(velocity, matrix, offset, affine_pts + sample_vectors(phi_disp, affine_pts))
+
+
+def fixed_to_moving(moving: RandomMap, fixed: RandomMap, perm: Sequence[int], flips: Sequence[bool],
+                    config: SyntheticConfig) -> Tensor:
+    """The ground truth ``T = P_m⁻¹ ∘ P_f`` of a pair (``φ⁻¹ = exp(−v)``), after the pair's flips
+    and permutation: ``(1, *shape, ndim)`` normalized points with ``fixed(x) ≈ moving(T(x))``."""
+    shape = tuple(fixed.points.shape[1:-1])
+    inv_disp = integrate_velocity(-moving.velocity, shape, config.integration_steps) - identity_points(shape)
+    z = fixed.points + sample_vectors(inv_disp, fixed.points)
+    return flip_permute_points((z - moving.offset) @ torch.linalg.inv(moving.matrix).T, perm, flips)
 
 
 def pair_seed(seed: int, index: int) -> int:

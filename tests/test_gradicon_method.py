@@ -194,3 +194,17 @@ def test_training_with_the_mind_ssc_similarity(tmp_path):
     assert main(["train", "-o", str(tmp_path / "r"), "--steps", "1", *TRAIN, "--similarity", "mind-ssc"]) == 0
     card = json.loads((tmp_path / "r" / "model.json").read_text())
     assert card["config"]["similarity"] == "mind-ssc" and card["final_loss"]["similarity"] > 0
+
+
+def test_a_3d_model_on_2d_images_is_a_one_line_error_with_no_output(tmp_path, capsys):
+    run = tmp_path / "r3d"
+    assert main(["train", "-o", str(run), "--synthetic", "3d", "--size", "32", "32", "32", "--depth", "3",
+                 "--width", "0.1", "--batch", "1", "--steps", "1", "-q"]) == 0
+    _phantom_manifest(tmp_path, 2)
+    capsys.readouterr()
+    out = tmp_path / "o"
+    assert main(["register", str(tmp_path / "fixed2.nii.gz"), str(tmp_path / "moving2.nii.gz"), "-o", str(out),
+                 "--method", "gradicon", "--param", f"weights={run / 'checkpoint.pt'}", "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a 3D model; the images are 2D" in err[0]
+    assert not out.exists()

@@ -15,7 +15,12 @@ from fmreg.core.sampling import identity_points
 from fmreg.transforms.affine import AffineTransform
 from fmreg.transforms.displacement import DisplacementField, DisplacementTransform, invert
 from fmreg.transforms.sequential import SequentialTransform
-from fmreg.transforms.velocity import StationaryVelocity, scaling_and_squaring
+from fmreg.transforms.velocity import (
+    StationaryVelocity,
+    automatic_steps,
+    scaling_and_squaring,
+    slicewise_scaling_and_squaring,
+)
 from fmreg.transforms.warp import warp
 
 # An oblique, anisotropic 3D grid: every frame conversion matters.
@@ -67,6 +72,50 @@ def test_constant_physical_velocity_is_that_translation_in_mm():
     assert_close(u.data, shift.reshape(3, 1, 1, 1).expand_as(u.data), atol=1e-4, rtol=0)
     back = SequentialTransform(t, t.inverse())
     assert_close(back.field().data, torch.zeros_like(u.data), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slicewise_integration_equals_3d_integration_of_an_in_plane_field(axis):
+    # A field with no component along `axis` keeps every point on its slice, so integrating
+    # each slice in 2D must give what 3D integration gives.
+    torch.manual_seed(axis)
+    v = 0.3 * torch.nn.functional.interpolate(torch.randn(2, 3, 3, 4, 3), size=(5, 7, 6), mode="trilinear",
+                                              align_corners=True).movedim(1, -1)
+    v[..., 2 - axis] = 0.0
+    expected = scaling_and_squaring(v, 6)
+    got = slicewise_scaling_and_squaring(v, axis, 6)
+    assert expected.abs().max() > 0.05  # a real deformation, not a near-identity
+    assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_in_plane_velocity_drops_the_through_plane_component_on_an_oblique_grid():
+    torch.manual_seed(0)
+    v = torch.randn(3, 4, 5, 6)  # physical mm, world axes, with a through-plane part
+    m = torch.as_tensor(GRID3.resized([4, 5, 6]).frame_matrix(Frame.PHYSICAL, Frame.NORMALIZED)[:3, :3],
+                        dtype=torch.float32)
+    normalized = torch.einsum("ij,j...->i...", m, v)
+    normalized[2] = 0.0  # no motion along array axis 0
+    projected = torch.einsum("ij,j...->i...", torch.linalg.inv(m), normalized)
+    got = StationaryVelocity(v, GRID3, Frame.PHYSICAL, steps=5, in_plane_axis=0).field().data
+    assert_close(got, StationaryVelocity(projected, GRID3, Frame.PHYSICAL, steps=5).field().data, atol=1e-5, rtol=0)
+    normal = torch.as_tensor(GRID3.direction_matrix()[:, 2], dtype=torch.float32)
+    assert_close(torch.einsum("c,c...->...", normal, got), torch.zeros(GRID3.shape), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("voxels, expected", [(0.0, 0), (0.5, 0), (0.51, 1), (1.0, 1), (1.9, 2), (4.0, 3), (1e6, 7)])
+def test_automatic_steps_scale_the_largest_velocity_under_half_a_voxel(voxels, expected):
+    shape = (5, 9, 17)  # x voxel = 2/16 normalized units
+    v = torch.zeros(1, *shape, 3)
+    v[0, 2, 3, 4] = torch.tensor([0.6, 0.8, 0.0]) * voxels * (2 / 16)  # |v| = voxels along x's spacing
+    v[0, 2, 3, 4, 1] *= 16 / 8  # y's voxel is 2/8 normalized units
+    assert automatic_steps(v, shape, 7) == expected
+
+
+def test_automatic_steps_integrate_a_translation_exactly():
+    shift = torch.tensor([30.0, -12.0, 4.0])  # mm: many voxels, so several squarings
+    v = shift.reshape(3, 1, 1, 1).expand(3, 4, 5, 6).contiguous()
+    u = StationaryVelocity(v, GRID3, Frame.PHYSICAL, steps=7, automatic_steps=True).field()
+    assert_close(u.data, shift.reshape(3, 1, 1, 1).expand_as(u.data), atol=1e-3, rtol=0)
 
 
 def test_sequential_applies_its_transforms_in_order():

@@ -62,7 +62,8 @@ class FitOptions:
         centroid_weight: Weight of a sparse term pulling ``T(fixed ROI centroid)`` onto the
             moving ROI centroid (squared distance in units of 10 mm).
         lncc_window_mm: LNCC window edge in mm (per axis at least 3 voxels).
-        squaring_steps: Scaling-and-squaring steps.
+        squaring_steps: Most scaling-and-squaring steps; a velocity that moves no point by more
+            than a few control voxels gets fewer (half a voxel after scaling: ITK's automatic rule).
         verify_dice: With the image term on, the pyramid first fits the images alone; every
             ROI pair whose Dice under that transform is below this value is then dropped (a
             pair the images contradict is most likely a wrong match) and the kept pairs

@@ -53,7 +53,7 @@ FIT_PARAMS = declare(FitOptions, {
     "image_metric": (("mse", "lncc"), "image term: mse (same modality) or lncc (local correlation)"),
     "centroid_weight": (">= 0", "weight of the ROI centroid term"),
     "lncc_window_mm": ("> 0", "LNCC window edge, mm"),
-    "squaring_steps": (">= 0", "most scaling-and-squaring steps (fewer while the velocity is under a few control voxels)"),
+    "squaring_steps": (">= 0", "most scaling-and-squaring steps (fewer for a small velocity)"),
     "verify_dice": ("[0, 1]", "drop ROI pairs whose Dice under the image-only fit is below this (null: keep all)"),
     "affine_iterations": (">= 0", "steps of an affine stage before the deformable ones (0: off)"),
     "affine_lr": ("> 0", "Adam step size of the affine stage"),

@@ -148,16 +148,23 @@ def _overlap(matrices: np.ndarray, cf: np.ndarray, covf: np.ndarray, cm: np.ndar
     Closed-form 2×2 algebra (determinants and inverses of symmetric matrices), vectorised
     over hypotheses and candidates: the search evaluates millions of pairs.
     """
-    a, t = matrices[:, None, :2, :2], matrices[:, None, :2, 2]
-    mu = np.einsum("hnij,nj->hni", a, cf) + t
-    sig1 = a @ covf[None] @ np.swapaxes(a, -1, -2)
-    s00 = (sig1[..., 0, 0] + covm[None, :, 0, 0]) / 2
-    s01 = (sig1[..., 0, 1] + covm[None, :, 0, 1]) / 2
-    s11 = (sig1[..., 1, 1] + covm[None, :, 1, 1]) / 2
+    # Written out entry by entry: numpy's batched matmul of 2×2 matrices costs more than the algebra.
+    a00, a01, a10, a11 = (matrices[:, i, j, None] for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)))
+    t0, t1 = matrices[:, 0, 2, None], matrices[:, 1, 2, None]
+    f00, f01, f11 = covf[None, :, 0, 0], covf[None, :, 0, 1], covf[None, :, 1, 1]
+    mx = a00 * cf[None, :, 0] + a01 * cf[None, :, 1] + t0
+    my = a10 * cf[None, :, 0] + a11 * cf[None, :, 1] + t1
+    # A Σ_f Aᵀ for the symmetric Σ_f.
+    r00, r01 = a00 * f00 + a01 * f01, a00 * f01 + a01 * f11
+    r10, r11 = a10 * f00 + a11 * f01, a10 * f01 + a11 * f11
+    g00, g01, g11 = r00 * a00 + r01 * a01, r00 * a10 + r01 * a11, r10 * a10 + r11 * a11
+    s00 = (g00 + covm[None, :, 0, 0]) / 2
+    s01 = (g01 + covm[None, :, 0, 1]) / 2
+    s11 = (g11 + covm[None, :, 1, 1]) / 2
     det = s00 * s11 - s01 * s01
-    dx, dy = mu[..., 0] - cm[None, :, 0], mu[..., 1] - cm[None, :, 1]
+    dx, dy = mx - cm[None, :, 0], my - cm[None, :, 1]
     maha = (s11 * dx * dx - 2 * s01 * dx * dy + s00 * dy * dy) / det / 8
-    det1 = sig1[..., 0, 0] * sig1[..., 1, 1] - sig1[..., 0, 1] ** 2
+    det1 = g00 * g11 - g01 * g01
     detm = covm[:, 0, 0] * covm[:, 1, 1] - covm[:, 0, 1] ** 2
     logdet = np.log(det) - 0.5 * (np.log(det1) + np.log(detm)[None])
     return np.exp(-maha - 0.5 * logdet)

@@ -16,6 +16,7 @@ from fmreg.losses.prototype import (
     prototypes,
 )
 from fmreg.nn.mask_guided import MaskGuidedNet, PooledCrossAttention
+from fmreg.transforms.velocity import scaling_and_squaring
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -216,6 +217,24 @@ def test_attention_is_in_the_forward_pass_and_gets_gradients(dimension, shape):
     fm2[:, 0] = 1 - fm2[:, 0]  # another fixed mask changes the field
     with torch.no_grad():
         assert float((net(m, f, mm, fm2).displacement - u).abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("dimension,shape", [(2, (16, 12)), (3, (8, 10, 6))])
+def test_squaring_steps_integrate_each_level_output_as_a_velocity(dimension, shape):
+    # One level, so the field is exactly the head's output, integrated or not.
+    heads = []
+    for steps in (0, 5):
+        net = MaskGuidedNet(dimension, 2, widths=(4,), fusion="conv", squaring_steps=steps)
+        activate_heads(net, std=0.5)
+        net.heads[0].register_forward_hook(lambda _m, _i, out: heads.append(out.detach().movedim(1, -1)))
+        m, f, mm, fm = inputs(dimension, shape, k=2)
+        with torch.no_grad():
+            u = net(m, f, mm, fm).displacement.movedim(1, -1)
+        expected = heads[-1] if steps == 0 else scaling_and_squaring(heads[-1], steps)
+        torch.testing.assert_close(u, expected)
+    assert float((heads[0] - u).abs().max()) > 1e-3  # the integration changed the field
+    with pytest.raises(ValueError, match="squaring_steps"):
+        MaskGuidedNet(dimension, 2, squaring_steps=-1)
 
 
 def test_network_rejects_mismatched_inputs():

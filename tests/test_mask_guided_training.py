@@ -90,6 +90,7 @@ def test_without_mask_inputs_the_field_does_not_depend_on_the_masks():
     ({"loss_weights": {"dice": -1.0}}, "--loss-weight dice must be a finite value >= 0"),
     ({"loss_weights": {"dice": float("nan")}}, "--loss-weight dice must be a finite value >= 0"),
     ({"mask_source": "oracle"}, "unknown mask source 'oracle'"),
+    ({"squaring_steps": -2}, "--squaring-steps must be >= 0, got -2"),
 ])
 def test_bad_mask_guided_training_settings(settings, message):
     from fmreg.errors import FmregError

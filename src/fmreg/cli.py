@@ -341,6 +341,9 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
     mask_channels: int = arg("--mask-channels", help="mask-guided: ROI mask channels K", type=int, default=4, metavar="K")
     fusion: str = arg("--fusion", help="mask-guided: cross-fusion attention or convolutional fusion", default="attention",
                       choices=("attention", "conv"))
+    squaring_steps: int = arg("--squaring-steps", help="mask-guided: 0, each level outputs a displacement (the "
+                              "published code's); N, a velocity integrated in N scaling-and-squaring steps "
+                              "(diffeomorphic)", type=int, default=0, metavar="N")
     mask_source: str = arg("--mask-source", help="mask-guided: training masks from the synthetic label maps, "
                            "the classical segmenter's ROI pairs, or either per pair", default="mixed",
                            choices=("labels", "segmenter", "mixed"))
@@ -388,6 +391,7 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
         labelled_share = 1.0 if alone else (0.5 if self.labelled_share is None else self.labelled_share)
         width = self.width if self.width is not None else (1.0 if self.model == "mask-guided" else 0.25)
         return TrainConfig(model=self.model, mask_channels=self.mask_channels, fusion=self.fusion,
+                           squaring_steps=self.squaring_steps,
                            mask_source=self.mask_source, mask_inputs=not self.no_mask_inputs,
                            labelled=list(self.labelled or []), labelled_share=labelled_share,
                            loss_weights=self._loss_weights(),

@@ -37,7 +37,7 @@ from fmreg.core.grid import Grid
 from fmreg.core.sampling import identity_points, sample_normalized, sample_vectors
 from fmreg.transforms.base import Transform
 from fmreg.transforms.displacement import DisplacementTransform
-from fmreg.transforms.velocity import resize_vectors
+from fmreg.transforms.velocity import resize_vectors, scaling_and_squaring
 
 FUSIONS = ("attention", "conv")
 
@@ -202,11 +202,15 @@ class MaskGuidedNet(nn.Module):
         attention_levels: With ``"attention"``, how many of the coarsest levels use it.
         max_keys: Key/value token bound of each attention.
         image_channels: Channels per image.
+        squaring_steps: 0: each level's head outputs a displacement (the published code's);
+            otherwise a stationary velocity integrated by this many scaling-and-squaring
+            steps, so every level's update, and their composition, is diffeomorphic up to
+            interpolation error.
     """
 
     def __init__(self, dimension: int, mask_channels: int, widths: Sequence[int] = (8, 16, 32, 64),
                  fusion: str = "attention", attention_levels: int = 2, max_keys: int = 512,
-                 image_channels: int = 1) -> None:
+                 image_channels: int = 1, squaring_steps: int = 0) -> None:
         super().__init__()
         if dimension not in (2, 3):
             raise ValueError(f"dimension must be 2 or 3, got {dimension}")
@@ -215,7 +219,10 @@ class MaskGuidedNet(nn.Module):
         if mask_channels < 1 or not widths:
             raise ValueError(f"need mask_channels >= 1 and at least one width, got {mask_channels}, {widths}")
         self.dimension, self.mask_channels, self.image_channels = dimension, mask_channels, image_channels
+        if squaring_steps < 0:
+            raise ValueError(f"squaring_steps must be >= 0, got {squaring_steps}")
         self.widths, self.fusion = tuple(int(w) for w in widths), fusion
+        self.squaring_steps = int(squaring_steps)
         levels = len(self.widths)
         self.attention_levels = min(attention_levels, levels) if fusion == "attention" else 0
         self.moving_encoder = Encoder(dimension, image_channels, self.widths)
@@ -275,6 +282,8 @@ class MaskGuidedNet(nn.Module):
                 sm = sample_normalized(sm, pts, padding="border")
             fused = self.fusions[level](fm, img_f[level], sm, msk_f[level])
             du = self.heads[level](fused).movedim(1, -1)
+            if self.squaring_steps:
+                du = scaling_and_squaring(du, self.squaring_steps)
             flow = du if flow is None else du + sample_vectors(flow, _points(shape_l, du) + du)
         flow = resize_vectors(flow, moving.shape[2:])
         displacement = flow.movedim(-1, 1)

@@ -57,6 +57,8 @@ class TrainConfig:
             ``regis_net`` state_dict), or None.
         mask_channels: ``K``, ROI mask channels of a mask-guided model.
         fusion: Mask-guided fusion: ``attention`` (cross-fusion transformer) or ``conv``.
+        squaring_steps: Mask-guided: 0, each level outputs a displacement (the published
+            code's); else a velocity integrated by this many scaling-and-squaring steps.
         mask_source: Mask-guided training masks: ``labels`` (the synthetic label maps: exact),
             ``segmenter`` (SAMReg's classical ROI pairs of the synthetic images: imperfect, as at
             registration) or ``mixed`` (each pair either, with equal odds).
@@ -94,6 +96,7 @@ class TrainConfig:
     init: str | None = None
     mask_channels: int = 4
     fusion: str = "attention"
+    squaring_steps: int = 0
     mask_source: str = "labels"
     mask_inputs: bool = True
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -142,6 +145,8 @@ class TrainConfig:
 
         if self.mask_channels < 1:
             raise FmregError(f"--mask-channels must be >= 1, got {self.mask_channels}")
+        if self.squaring_steps < 0:
+            raise FmregError(f"--squaring-steps must be >= 0, got {self.squaring_steps}")
         if self.mask_source not in MASK_SOURCES:
             raise FmregError(f"unknown mask source '{self.mask_source}': choose one of {', '.join(MASK_SOURCES)}")
         for name, value in self.loss_weights.items():
@@ -182,7 +187,8 @@ def make_model(config: TrainConfig) -> torch.nn.Module:
         from fmreg.nn.mask_guided import MaskGuidedNet
 
         widths = tuple(max(2, int(round(c * config.width))) for c in MASK_GUIDED_WIDTHS)
-        return MaskGuidedNet(config.dimension, config.mask_channels, widths, fusion=config.fusion)
+        return MaskGuidedNet(config.dimension, config.mask_channels, widths, fusion=config.fusion,
+                             squaring_steps=config.squaring_steps)
     down, up = config.widths()
     return GradICON(config.dimension, down, up, levels=config.levels, last_step=config.last_step)
 

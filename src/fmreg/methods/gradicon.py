@@ -6,7 +6,6 @@ network's map comes back as a physical displacement on the fixed grid, like ever
 
 from __future__ import annotations
 
-import copy
 import json
 from importlib import resources
 from pathlib import Path
@@ -24,6 +23,7 @@ from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.params import declare
 from fmreg.nn.gradicon import GradICON
 from fmreg.nn.images import network_input, physical_field, slicewise_field, stack_inputs
+from fmreg.optimize.instance import instance_optimise
 
 #: Where the models shipped with fmreg live (``gradicon_2d.pt`` / ``gradicon_3d.pt`` + ``.json`` cards).
 WEIGHTS_PACKAGE = "fmreg.nn.weights"
@@ -56,18 +56,6 @@ def load_network(weights: str | Path, dimension: int | None = None) -> tuple[Gra
     net, size = GradICON(dim), (175,) * dim
     load_weights(net.regis_net, model_weights(loaded), str(weights))
     return net.eval(), size
-
-
-def instance_optimise(net: GradICON, moving: Tensor, fixed: Tensor, iterations: int, lr: float) -> GradICON:
-    """Fine-tune a copy of ``net`` on this one pair (Adam over the weights, the GradICON loss)."""
-    net = copy.deepcopy(net)
-    optim = torch.optim.Adam(net.parameters(), lr=lr)
-    similarity = GaussianLNCC(5.0)
-    for _ in range(iterations):
-        optim.zero_grad()
-        gradicon_loss(net, moving, fixed, similarity).total.backward()
-        optim.step()
-    return net.eval()
 
 
 class GradICONMethod:
@@ -114,7 +102,8 @@ class GradICONMethod:
             f, m, positions = stack_inputs(fixed, moving, size, axis, self.modality)
         t1 = time.perf_counter()
         if self.io_iterations:
-            net = instance_optimise(net, m, f, self.io_iterations, self.io_lr)
+            similarity = GaussianLNCC(5.0)
+            net = instance_optimise(net, lambda n: gradicon_loss(n, m, f, similarity), self.io_iterations, self.io_lr)
         t2 = time.perf_counter()
         with torch.no_grad():
             transform = net(m, f)

@@ -11,6 +11,7 @@ Geometry as for ``gradicon`` (:mod:`fmreg.nn.images`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,21 +25,36 @@ from fmreg.core.intensity import resize
 from fmreg.correspond.labels import label_roi_pairs
 from fmreg.correspond.pairs import RoiPair, SamRegOptions, find_correspondences
 from fmreg.errors import FmregError
+from fmreg.losses.mask_guided import MaskGuidedLoss
 from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.gradicon import WEIGHTS_PACKAGE, weights_card
 from fmreg.methods.params import declare
 from fmreg.nn.images import network_input, physical_field, slicewise_field, stack_inputs
+from fmreg.optimize.instance import instance_optimise
 
 
-def load_mask_guided(weights: str | Path, dimension: int | None = None):
-    """A fresh mask-guided network, its input size, its mask channel count and whether it sees
-    masks (False: an images-only model of the ablation) from a checkpoint."""
+@dataclass
+class LoadedModel:
+    """A fresh mask-guided network and what its training run says about it: input ``size``,
+    mask ``channels``, whether it sees masks (False: an images-only model of the ablation) and
+    the run's loss weight overrides."""
+
+    net: torch.nn.Module
+    size: tuple[int, ...]
+    channels: int
+    sees_masks: bool
+    loss_weights: dict
+
+
+def load_mask_guided(weights: str | Path, dimension: int | None = None) -> LoadedModel:
+    """The mask-guided network of a checkpoint of ``fmreg train --model mask-guided``."""
     from fmreg.training.checkpoint import load_checkpoint, load_trained
 
     net, config = load_trained(load_checkpoint(weights), str(weights), "mask-guided", dimension)
     if net is None:
         raise FmregError(f"{weights} is not a checkpoint of fmreg train --model mask-guided")
-    return net, tuple(config["size"]), config["mask_channels"], config.get("mask_inputs", True)
+    return LoadedModel(net, tuple(config["size"]), config["mask_channels"], config.get("mask_inputs", True),
+                       dict(config.get("loss_weights") or {}))
 
 
 def mask_channels(masks: list[Tensor], size: tuple[int, ...], channels: int) -> Tensor:
@@ -94,12 +110,15 @@ class MaskGuidedMethod:
     uses_labels = False
 
     def __init__(self, weights: str | None = None, segmenter: str = "classical", model: str | None = None,
-                 pair_source: str = "consensus") -> None:
+                 pair_source: str = "consensus", io_iterations: int = 0, io_lr: float = 1e-4) -> None:
         if segmenter not in SEGMENTERS:
             raise FmregError(f"unknown segmenter '{segmenter}': choose one of {', '.join(SEGMENTERS)}")
         if pair_source not in PAIR_SOURCES:
             raise FmregError(f"unknown pair_source '{pair_source}': choose one of {', '.join(PAIR_SOURCES)}")
+        if io_iterations < 0 or not io_lr > 0:
+            raise FmregError("io_iterations must be >= 0 and io_lr > 0")
         self.weights, self.segmenter, self.model, self.pair_source = weights, segmenter, model, pair_source
+        self.io_iterations, self.io_lr = io_iterations, io_lr
 
     PARAMS = declare(__init__, {
         "weights": (None, "checkpoint of fmreg train --model mask-guided (null: the model shipped with fmreg)"),
@@ -107,10 +126,13 @@ class MaskGuidedMethod:
         "model": (None, "Segment Anything model folder (sam) or LiteMedSAM weights file (medsam)"),
         "pair_source": (PAIR_SOURCES, "consensus: when the ROIs agree on a global move, the ROI pairs that agree "
                                       "with it (else the matched ones); matched: the prototype matches"),
+        "io_iterations": (">= 0", "instance-optimisation steps on the pair, with the model's training loss (0: the network alone)"),
+        "io_lr": ("> 0", "instance-optimisation Adam step size over the network weights"),
     })
 
     def parameters(self) -> dict[str, Any]:
-        return {"weights": self.weights or "shipped", "segmenter": self.segmenter, "pair_source": self.pair_source}
+        return {"weights": self.weights or "shipped", "segmenter": self.segmenter, "pair_source": self.pair_source,
+                "io_iterations": self.io_iterations, "io_lr": self.io_lr}
 
     def _weights(self, ndim: int) -> Path:
         if self.weights:
@@ -138,11 +160,12 @@ class MaskGuidedMethod:
         check_pair(fixed, moving)
         weights = self._weights(fixed.ndim)
         t0 = time.perf_counter()
-        net, size, k, sees_masks = load_mask_guided(weights)
+        loaded = load_mask_guided(weights)
+        net, size, k = loaded.net, loaded.size, loaded.channels
         if len(size) > fixed.ndim:
             raise FmregError(f"{weights} is a {len(size)}D model; the images are {fixed.ndim}D")
         pairs = []
-        if sees_masks:
+        if loaded.sees_masks:
             pairs = sorted(self._pairs(fixed, moving, fixed_labels, moving_labels), key=lambda p: -p.similarity)
         t1 = time.perf_counter()
         if len(size) == fixed.ndim:
@@ -155,6 +178,11 @@ class MaskGuidedMethod:
             f, m, positions = stack_inputs(fixed, moving, size, axis)
             index = ((positions + 1) / 2 * (moving.grid.shape[axis] - 1)).round().long()
             mm, fm = slice_mask_channels(pairs, axis, index, size, k)
+        t2 = time.perf_counter()
+        if self.io_iterations:
+            loss = MaskGuidedLoss(loaded.loss_weights, mask_inputs=loaded.sees_masks)
+            net = instance_optimise(net, lambda n: loss(n, m, f, mm, fm), self.io_iterations, self.io_lr)
+        t3 = time.perf_counter()
         with torch.no_grad():
             transform = net(m, f, mm, fm)
         if len(size) == fixed.ndim:
@@ -165,7 +193,8 @@ class MaskGuidedMethod:
         info = {"network_input_size": list(size), "mask_channels": k,
                 **({"slice_axis": axis} if len(size) < fixed.ndim else {}), **({"model": card} if card else {})}
         return RegistrationResult(field, self.name, self.parameters(), roi_pairs=pairs[:k],
-                                  stage_seconds={"load_and_segment": t1 - t0, "network": time.perf_counter() - t1},
+                                  stage_seconds={"load_and_segment": t1 - t0, "inputs": t2 - t1,
+                                                 "instance_optimisation": t3 - t2, "network": time.perf_counter() - t3},
                                   info=info)
 
 
@@ -175,15 +204,18 @@ class MaskGuidedLabelsMethod(MaskGuidedMethod):
     name = "mask-guided-labels"
     uses_labels = True
 
-    def __init__(self, weights: str | None = None) -> None:
-        super().__init__(weights)
+    def __init__(self, weights: str | None = None, io_iterations: int = 0, io_lr: float = 1e-4) -> None:
+        super().__init__(weights, io_iterations=io_iterations, io_lr=io_lr)
 
     PARAMS = declare(__init__, {
         "weights": (None, "checkpoint of fmreg train --model mask-guided (null: the model shipped with fmreg)"),
+        "io_iterations": (">= 0", "instance-optimisation steps on the pair, with the model's training loss (0: the network alone)"),
+        "io_lr": ("> 0", "instance-optimisation Adam step size over the network weights"),
     })
 
     def parameters(self) -> dict[str, Any]:
-        return {"weights": self.weights or "shipped", "segmenter": "labels"}
+        return {"weights": self.weights or "shipped", "segmenter": "labels", "io_iterations": self.io_iterations,
+                "io_lr": self.io_lr}
 
     def _pairs(self, fixed: Image, moving: Image, fixed_labels, moving_labels) -> list[RoiPair]:
         if fixed_labels is None or moving_labels is None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from fmreg.core.grid import through_plane_axis
 from fmreg.core.image import Image, check_pair

@@ -341,9 +341,9 @@ More processes: torchrun --nproc_per_node N -m fmreg train ... (DistributedDataP
     mask_channels: int = arg("--mask-channels", help="mask-guided: ROI mask channels K", type=int, default=4, metavar="K")
     fusion: str = arg("--fusion", help="mask-guided: cross-fusion attention or convolutional fusion", default="attention",
                       choices=("attention", "conv"))
-    squaring_steps: int = arg("--squaring-steps", help="mask-guided: 0, each level outputs a displacement (the "
-                              "published code's); N, a velocity integrated in N scaling-and-squaring steps "
-                              "(diffeomorphic)", type=int, default=0, metavar="N")
+    squaring_steps: int = arg("--squaring-steps", help="mask-guided: each level outputs a velocity integrated in N "
+                              "scaling-and-squaring steps (diffeomorphic; default 7); 0, a displacement (the "
+                              "published code's)", type=int, default=7, metavar="N")
     mask_source: str = arg("--mask-source", help="mask-guided: training masks from the synthetic label maps, "
                            "the classical segmenter's ROI pairs, or either per pair", default="mixed",
                            choices=("labels", "segmenter", "mixed"))

@@ -110,7 +110,7 @@ class MaskGuidedMethod:
     uses_labels = False
 
     def __init__(self, weights: str | None = None, segmenter: str = "classical", model: str | None = None,
-                 pair_source: str = "consensus", io_iterations: int = 0, io_lr: float = 1e-4) -> None:
+                 pair_source: str = "consensus", io_iterations: int = 50, io_lr: float = 1e-4) -> None:
         if segmenter not in SEGMENTERS:
             raise FmregError(f"unknown segmenter '{segmenter}': choose one of {', '.join(SEGMENTERS)}")
         if pair_source not in PAIR_SOURCES:
@@ -204,7 +204,7 @@ class MaskGuidedLabelsMethod(MaskGuidedMethod):
     name = "mask-guided-labels"
     uses_labels = True
 
-    def __init__(self, weights: str | None = None, io_iterations: int = 0, io_lr: float = 1e-4) -> None:
+    def __init__(self, weights: str | None = None, io_iterations: int = 50, io_lr: float = 1e-4) -> None:
         super().__init__(weights, io_iterations=io_iterations, io_lr=io_lr)
 
     PARAMS = declare(__init__, {

@@ -114,6 +114,10 @@ def test_ablation_switches_reach_the_card_and_a_blind_model_registers_without_ma
     card = json.loads((run / "model.json").read_text())
     assert card["config"]["mask_inputs"] is False and card["config"]["loss_weights"] == {"contour": 0.0, "dice": 0.5}
     assert "label-map" in card["data"]
+    # New runs integrate velocities; a run from before the option loads with displacement heads.
+    assert card["config"]["squaring_steps"] == 7
+    older = {k: v for k, v in card["config"].items() if k != "squaring_steps"}
+    assert TrainConfig.from_dict(older).squaring_steps == 0
     p = phantoms.make_pair(2, seed=2)
     for role in ("fixed", "moving"):
         write_image(getattr(p, role), tmp_path / f"{role}.nii.gz")

@@ -51,3 +51,14 @@ def test_mask_guided_instance_optimisation_changes_the_field_and_not_the_file(tm
     assert (run / "checkpoint.pt").read_bytes() == before
     again = MaskGuidedMethod(weights=weights).register(pair.fixed, pair.moving)
     assert torch.equal(again.field.data, plain.field.data)  # nothing carried over between pairs
+
+
+@pytest.mark.parametrize("iterations, lr", [(-1, 1e-4), (5, 0.0), (5, float("nan"))])
+def test_both_networks_refuse_instance_settings_they_cannot_use(iterations, lr):
+    from fmreg.errors import FmregError
+    from fmreg.methods.gradicon import GradICONMethod
+    from fmreg.methods.mask_guided import MaskGuidedMethod
+
+    for method in (GradICONMethod, MaskGuidedMethod):
+        with pytest.raises(FmregError, match=r"^io_iterations must be >= 0 and io_lr > 0$"):
+            method(io_iterations=iterations, io_lr=lr)

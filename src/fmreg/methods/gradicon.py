@@ -22,7 +22,7 @@ from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.params import declare
 from fmreg.nn.gradicon import GradICON
 from fmreg.nn.images import network_input, physical_field, slicewise_field, stack_inputs
-from fmreg.optimize.instance import instance_optimise
+from fmreg.optimize.instance import check_instance_options, instance_optimise
 
 #: Where the models shipped with fmreg live (``gradicon_2d.pt`` / ``gradicon_3d.pt`` + ``.json`` cards).
 WEIGHTS_PACKAGE = "fmreg.nn.weights"
@@ -65,8 +65,7 @@ class GradICONMethod:
 
     def __init__(self, weights: str | None = None, io_iterations: int = 50, io_lr: float = 2e-5,
                  modality: str = "auto") -> None:
-        if io_iterations < 0 or io_lr <= 0:
-            raise FmregError("io_iterations must be >= 0 and io_lr > 0")
+        check_instance_options(io_iterations, io_lr)
         if modality not in ("auto", "ct", "mr"):
             raise FmregError(f"unknown modality '{modality}': choose auto, ct or mr")
         self.weights, self.io_iterations, self.io_lr, self.modality = weights, io_iterations, io_lr, modality

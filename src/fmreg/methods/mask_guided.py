@@ -30,7 +30,7 @@ from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.gradicon import WEIGHTS_PACKAGE, weights_card
 from fmreg.methods.params import declare
 from fmreg.nn.images import network_input, physical_field, slicewise_field, stack_inputs
-from fmreg.optimize.instance import instance_optimise
+from fmreg.optimize.instance import check_instance_options, instance_optimise
 
 
 @dataclass
@@ -102,6 +102,12 @@ def slice_mask_channels(pairs: list[RoiPair], axis: int, moving_index: Tensor, s
 SEGMENTERS = ("classical", "sam", "medsam")
 PAIR_SOURCES = ("consensus", "matched")
 
+#: The instance-optimisation parameters of both mask-guided methods.
+_IO_PARAMS = {
+    "io_iterations": (">= 0", "instance-optimisation steps on the pair, with the model's training loss (0: the network alone)"),
+    "io_lr": ("> 0", "instance-optimisation Adam step size over the network weights"),
+}
+
 
 class MaskGuidedMethod:
     """Mask-guided network (paper 001) with SAMReg's matched ROI masks as extra inputs."""
@@ -115,8 +121,7 @@ class MaskGuidedMethod:
             raise FmregError(f"unknown segmenter '{segmenter}': choose one of {', '.join(SEGMENTERS)}")
         if pair_source not in PAIR_SOURCES:
             raise FmregError(f"unknown pair_source '{pair_source}': choose one of {', '.join(PAIR_SOURCES)}")
-        if io_iterations < 0 or not io_lr > 0:
-            raise FmregError("io_iterations must be >= 0 and io_lr > 0")
+        check_instance_options(io_iterations, io_lr)
         self.weights, self.segmenter, self.model, self.pair_source = weights, segmenter, model, pair_source
         self.io_iterations, self.io_lr = io_iterations, io_lr
 
@@ -126,8 +131,7 @@ class MaskGuidedMethod:
         "model": (None, "Segment Anything model folder (sam) or LiteMedSAM weights file (medsam)"),
         "pair_source": (PAIR_SOURCES, "consensus: when the ROIs agree on a global move, the ROI pairs that agree "
                                       "with it (else the matched ones); matched: the prototype matches"),
-        "io_iterations": (">= 0", "instance-optimisation steps on the pair, with the model's training loss (0: the network alone)"),
-        "io_lr": ("> 0", "instance-optimisation Adam step size over the network weights"),
+        **_IO_PARAMS,
     })
 
     def parameters(self) -> dict[str, Any]:
@@ -209,8 +213,7 @@ class MaskGuidedLabelsMethod(MaskGuidedMethod):
 
     PARAMS = declare(__init__, {
         "weights": (None, "checkpoint of fmreg train --model mask-guided (null: the model shipped with fmreg)"),
-        "io_iterations": (">= 0", "instance-optimisation steps on the pair, with the model's training loss (0: the network alone)"),
-        "io_lr": ("> 0", "instance-optimisation Adam step size over the network weights"),
+        **_IO_PARAMS,
     })
 
     def parameters(self) -> dict[str, Any]:

@@ -8,7 +8,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fmreg.errors import FmregError
 from fmreg.losses.base import LossRecord
+
+
+def check_instance_options(iterations: int, lr: float) -> None:
+    """One-line error for settings :func:`instance_optimise` cannot use (NaN ``lr`` included)."""
+    if iterations < 0 or not lr > 0:
+        raise FmregError("io_iterations must be >= 0 and io_lr > 0")
 
 
 def instance_optimise(net: nn.Module, objective: Callable[[nn.Module], LossRecord], iterations: int,

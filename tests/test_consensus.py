@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fmreg.core.grid import Frame, Grid
-from fmreg.correspond.consensus import RegionMoments, consensus_similarity, region_moments, to_physical
+from fmreg.correspond.consensus import (RegionMoments, _nearest_partners, _weighted_similarity, consensus_similarity,
+                                        region_moments, to_physical)
 
 
 def _similarity(angle_deg: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
@@ -52,6 +53,41 @@ def test_the_similarity_that_moved_the_regions_is_recovered_among_distractors():
     assert sorted(zip(match.fixed_index.tolist(), match.moving_index.tolist())) == [(i, i) for i in range(8)]
     np.testing.assert_allclose(match.agreement, 1.0, atol=1e-9)
     assert match.scale == pytest.approx(1.07) and match.angle_deg == pytest.approx(15.0)
+
+
+def test_a_region_cut_differently_does_not_pull_the_transform():
+    # Nine regions moved by the truth; the large one is segmented differently in the moving image,
+    # so its centroid is 13 mm off. Least squares on centroids follows it; the score does not.
+    rng = np.random.default_rng(3)
+    protos = torch.nn.functional.normalize(torch.randn(9, 16, generator=torch.Generator().manual_seed(3)), dim=1)
+    fixed = _regions(rng, 9, protos)
+    fixed.covariances[8] = np.diag([900.0, 400.0])
+    truth = _similarity(-9.0, 1.08, (10.0, 25.0))
+    moving = _moved(fixed, truth)
+    moving.centroids[8] += (12.0, -6.0)
+    least_squares = _weighted_similarity(fixed.centroids, moving.centroids, np.ones(9))
+    assert np.abs(least_squares[:2, 2] - truth[:2, 2]).max() > 2.0
+    match = consensus_similarity(fixed, moving, top_k=2)
+    np.testing.assert_allclose(match.matrix[:2, :2], truth[:2, :2], atol=1e-3)
+    np.testing.assert_allclose(match.matrix[:2, 2], truth[:2, 2], atol=0.1)
+    assert len(match.fixed_index) == 9
+
+
+def test_nearest_partners_keeps_each_fixed_regions_best_overlaps():
+    rng = np.random.default_rng(4)
+    protos = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(4)), dim=1)
+    fixed = _regions(rng, 3, protos)
+    # Moving region j sits 0, 5, 10 or 40 mm right of fixed region j // 4 (same shape).
+    offsets = np.array([0.0, 5.0, 10.0, 40.0] * 3)
+    owner = np.repeat(np.arange(3), 4)
+    moving = RegionMoments(fixed.centroids[owner] + np.stack([offsets, np.zeros(12)], 1), fixed.covariances[owner],
+                           np.zeros(12, np.int64), protos[owner])
+    fj, mi = np.repeat(np.arange(3), 12), np.tile(np.arange(12), 3)
+    cands = (fj, mi, np.ones(36))
+    kf, km, ks = _nearest_partners(np.eye(3), fixed, moving, cands, keep=2)
+    assert kf.tolist() == [0, 0, 1, 1, 2, 2]
+    assert km.tolist() == [0, 1, 4, 5, 8, 9]
+    np.testing.assert_array_equal(ks, 1.0)
 
 
 def test_regions_that_did_not_move_keep_the_identity():

@@ -8,7 +8,9 @@ with. Agreement is the overlap of the two regions' moment ellipses under the hyp
 Bhattacharyya coefficient of two Gaussians with the regions' centroids and covariances — so
 position, size, elongation and orientation all count, and a large region that merely
 contains the other does not. The identity competes as one more hypothesis: a pair that needs
-no global move keeps none.
+no global move keeps none. A few distinct best hypotheses are each refined (least squares on
+the agreeing centroids, then a local search on the score itself, since a region the two
+segmentations cut differently moves its centroid but barely its overlap), and the best wins.
 
 Coordinates are in-plane millimetres measured from each slice's first pixel, ``(column,
 row)`` order (as the plausibility gates of :mod:`fmreg.correspond.pairs`), so a transform
@@ -224,7 +226,7 @@ def _per_fixed_best(values: np.ndarray, fj: np.ndarray) -> tuple[np.ndarray, np.
 
 def consensus_similarity(fixed: RegionMoments, moving: RegionMoments, top_k: int = 2, slice_range: int = 0,
                          hypotheses: int = 2000, min_agreement: float = 0.5, min_pairs: int = 3,
-                         seed: int = 0) -> GlobalMatch:
+                         seed: int = 0, starts: int = 4) -> GlobalMatch:
     """The in-plane similarity most ROI candidates agree with (see the module docstring).
 
     Args:
@@ -235,10 +237,10 @@ def consensus_similarity(fixed: RegionMoments, moving: RegionMoments, top_k: int
         min_agreement: Overlap coefficient a candidate needs to count as agreeing.
         min_pairs: Fewer agreeing fixed ROIs than this keep the identity.
         seed: Seed of the sampling.
+        starts: Distinct best-scoring hypotheses refined (the best refined one wins).
 
     Returns:
-        The best hypothesis, refined by weighted least squares on the partners that agree with
-        it among all moving ROIs of the slices searched; the identity when it scores at least as
+        The best refined hypothesis (:func:`_refine`); the identity when it scores at least as
         well or too few ROIs agree.
     """
     fj, mi, sim = _candidates(fixed, moving, top_k, slice_range)
@@ -252,23 +254,124 @@ def consensus_similarity(fixed: RegionMoments, moving: RegionMoments, top_k: int
     rng = np.random.default_rng(seed)
     hyps = np.concatenate([identity[None], _two_point_hypotheses(zf, zm, sim, hypotheses, 0.1 * spread, rng)])
     scores = np.concatenate([
-        _per_fixed_best(_agreeing(_overlap(chunk, cf, covf, cm, covm), min_agreement) * sim, fj)[0].sum(axis=1)
+        _per_fixed_max(_agreeing(_overlap(chunk, cf, covf, cm, covm), min_agreement) * sim, fj).sum(axis=1)
         for chunk in np.array_split(hyps, max(1, len(hyps) // 256))
     ])
-    best = hyps[int(np.argmax(scores))]
     # Refine on every plausible pair, not only the candidates: under a good hypothesis the right
     # partner of a region is the one it overlaps, whichever rank its prototype had.
     dense = _candidates(fixed, moving, len(moving), slice_range)
-    for _ in range(5):
-        sel, _ = _associate(best, fixed, moving, dense, min_agreement)
-        if len(sel[0]) < max(min_pairs, 2):
-            break
-        best = _weighted_similarity(fixed.centroids[sel[0]], moving.centroids[sel[1]], sel[2])
+    best, best_score = identity, -np.inf
+    for start in _distinct_best(hyps, scores, spread, starts):
+        refined = _refine(start, fixed, moving, dense, min_agreement, min_pairs, spread)
+        value = _associate(refined, fixed, moving, dense, min_agreement)[1]
+        if value > best_score:
+            best, best_score = refined, value
     (fsel, msel, weight), score = _associate(best, fixed, moving, dense, min_agreement)
     id_sel, id_score = _associate(identity, fixed, moving, dense, min_agreement)
     if len(fsel) < min_pairs or score <= id_score:
         return _match(identity, id_sel[0], id_sel[1], id_sel[2], id_score, id_score)
     return _match(best, fsel, msel, weight, score, id_score)
+
+
+def _distinct_best(hyps: np.ndarray, scores: np.ndarray, spread: float, count: int) -> list[np.ndarray]:
+    """The ``count`` best-scoring hypotheses that differ from each better one (by more than 5°,
+    5 % in scale or 5 % of ``spread`` in where they take the origin)."""
+    chosen: list[np.ndarray] = []
+    for h in np.argsort(-scores, kind="stable"):
+        m = hyps[h]
+        if all(not _close(m, c, spread) for c in chosen):
+            chosen.append(m)
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+def _close(a: np.ndarray, b: np.ndarray, spread: float) -> bool:
+    za, zb = complex(a[0, 0], a[1, 0]), complex(b[0, 0], b[1, 0])
+    turn = abs(np.angle(za / zb)) if zb != 0 else np.pi
+    return bool(turn < np.radians(5.0) and abs(np.log(abs(za) / abs(zb))) < 0.05
+                and np.hypot(*(a[:2, 2] - b[:2, 2])) < 0.05 * max(spread, 1e-9))
+
+
+def _refine(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments, dense: tuple[np.ndarray, ...],
+            min_agreement: float, min_pairs: int, spread: float) -> np.ndarray:
+    """Refine a hypothesis: weighted least squares on the centroids of its agreeing partners,
+    then a compass search that climbs the score itself.
+
+    Least squares on centroids is pulled off by regions the two segmentations cut differently
+    (their centroids move with the cut); the score weighs whole ellipses, so the search ends
+    where the most regions overlap best.
+    """
+    for _ in range(5):
+        sel, _ = _associate(matrix, fixed, moving, dense, min_agreement)
+        if len(sel[0]) < max(min_pairs, 2):
+            break
+        matrix = _weighted_similarity(fixed.centroids[sel[0]], moving.centroids[sel[1]], sel[2])
+    return _compass_search(matrix, fixed, moving, dense, min_agreement, spread)
+
+
+def _compass_search(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments, dense: tuple[np.ndarray, ...],
+                    min_agreement: float, spread: float, rounds: int = 200) -> np.ndarray:
+    """Maximise the score over (rotation, log scale, translation) about the fixed ROIs' mean
+    centroid: try ± a step on each, take the best strict gain, halve the steps when none gains."""
+    # A local search: each fixed ROI's best partner stays among those it overlaps most at the start.
+    fj, mi, sim = _nearest_partners(matrix, fixed, moving, dense, keep=3)
+    if len(fj) == 0:
+        return matrix
+    z0 = complex(*fixed.centroids.mean(axis=0))
+    a = complex(matrix[0, 0], matrix[1, 0])
+    w = a * z0 + complex(matrix[0, 2], matrix[1, 2])  # where z0 goes
+    params = np.array([np.angle(a), np.log(abs(a)), w.real, w.imag])
+    step = np.array([np.radians(2.0), 0.02, 0.02 * spread, 0.02 * spread])
+    moves = np.concatenate([np.eye(4), -np.eye(4)])
+    cf, covf, cm, covm = fixed.centroids[fj], fixed.covariances[fj], moving.centroids[mi], moving.covariances[mi]
+
+    def score(p: np.ndarray) -> np.ndarray:
+        m = _from_params(p, z0)
+        return _per_fixed_max(_agreeing(_overlap(m, cf, covf, cm, covm), min_agreement) * sim, fj).sum(axis=1)
+
+    best = float(score(params[None])[0])
+    for _ in range(rounds):
+        trial = params + moves * step
+        values = score(trial)
+        k = int(np.argmax(values))
+        if values[k] > best + 1e-12:
+            params, best = trial[k], float(values[k])
+        elif step[0] > np.radians(0.02):
+            step = step / 2
+        else:
+            break
+    return _from_params(params[None], z0)[0]
+
+
+def _nearest_partners(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments,
+                      cands: tuple[np.ndarray, ...], keep: int) -> tuple[np.ndarray, ...]:
+    """The ``keep`` candidates of each fixed ROI with the highest similarity × overlap under
+    ``matrix`` (those with any overlap), still grouped by fixed ROI."""
+    fj, mi, sim = cands
+    value = sim * _overlap(matrix[None], fixed.centroids[fj], fixed.covariances[fj], moving.centroids[mi],
+                           moving.covariances[mi])[0]
+    order = np.lexsort((-value, fj))
+    starts = np.flatnonzero(np.r_[True, fj[order][1:] != fj[order][:-1]])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    sel = np.sort(order[(rank < keep) & (value[order] > 0)])
+    return fj[sel], mi[sel], sim[sel]
+
+
+def _from_params(params: np.ndarray, z0: complex) -> np.ndarray:
+    """``(H, 3, 3)`` similarities ``z ↦ a (z − z0) + w`` from ``(H, 4)`` (angle, log scale, Re w, Im w)."""
+    a = np.exp(params[:, 1] + 1j * params[:, 0])
+    b = params[:, 2] + 1j * params[:, 3] - a * z0
+    out = np.zeros((len(params), 3, 3))
+    out[:, 0, 0], out[:, 0, 1], out[:, 0, 2] = a.real, -a.imag, b.real
+    out[:, 1, 0], out[:, 1, 1], out[:, 1, 2] = a.imag, a.real, b.imag
+    out[:, 2, 2] = 1.0
+    return out
+
+
+def _per_fixed_max(values: np.ndarray, fj: np.ndarray) -> np.ndarray:
+    """``(H, G)`` maximum of ``(H, N)`` values per fixed ROI (candidates grouped by ``fj``)."""
+    return np.maximum.reduceat(values, np.flatnonzero(np.r_[True, fj[1:] != fj[:-1]]), axis=1)
 
 
 def _associate(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments, cands: tuple[np.ndarray, ...],

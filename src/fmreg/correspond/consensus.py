@@ -210,18 +210,14 @@ def _weighted_similarity(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.
 
 
 def _per_fixed_best(values: np.ndarray, fj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For ``(H, N)`` values over candidates grouped by fixed ROI ``fj``: the ``(H, G)`` maximum
-    per fixed ROI and the ``(H, G)`` candidate index reaching it."""
+    """For ``(N,)`` values over candidates grouped by fixed ROI ``fj``: the ``(G,)`` maximum per
+    fixed ROI and the ``(G,)`` index of the first candidate reaching it."""
     starts = np.flatnonzero(np.r_[True, fj[1:] != fj[:-1]])
-    best = np.maximum.reduceat(values, starts, axis=1)
-    order = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(fj)]))
-    hit = values == best[:, order]
-    # The first candidate reaching the group's maximum.
-    idx = np.full(best.shape, -1, dtype=np.int64)
-    for g, s in enumerate(starts):
-        e = starts[g + 1] if g + 1 < len(starts) else len(fj)
-        idx[:, g] = s + np.argmax(hit[:, s:e], axis=1)
-    return best, idx
+    best = np.maximum.reduceat(values, starts)
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(fj)]))
+    hits = np.flatnonzero(values == best[group])
+    first = hits[np.r_[True, group[hits][1:] != group[hits][:-1]]]
+    return best, first
 
 
 def consensus_similarity(fixed: RegionMoments, moving: RegionMoments, top_k: int = 2, slice_range: int = 0,
@@ -302,21 +298,26 @@ def _refine(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments, den
     (their centroids move with the cut); the score weighs whole ellipses, so the search ends
     where the most regions overlap best.
     """
+    # Both steps move the hypothesis a little: each fixed ROI's partners that matter are among
+    # those it overlaps most at the start.
+    pool = _nearest_partners(matrix, fixed, moving, dense, POOL)
     for _ in range(5):
-        sel, _ = _associate(matrix, fixed, moving, dense, min_agreement)
+        sel, _ = _associate(matrix, fixed, moving, pool, min_agreement)
         if len(sel[0]) < max(min_pairs, 2):
             break
         matrix = _weighted_similarity(fixed.centroids[sel[0]], moving.centroids[sel[1]], sel[2])
-    return _compass_search(matrix, fixed, moving, dense, min_agreement, spread)
+    return _compass_search(matrix, fixed, moving, pool, min_agreement, spread)
 
 
-def _compass_search(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments, dense: tuple[np.ndarray, ...],
+def _compass_search(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments, cands: tuple[np.ndarray, ...],
                     min_agreement: float, spread: float, rounds: int = 200) -> np.ndarray:
     """Maximise the score over (rotation, log scale, translation) about the fixed ROIs' mean
-    centroid: try ± a step on each, take the best strict gain, halve the steps when none gains."""
-    # A local search: each fixed ROI's best partner stays among those it overlaps most at the start.
-    fj, mi, sim = _nearest_partners(matrix, fixed, moving, dense, keep=3)
-    if len(fj) == 0:
+    centroid: try ± a step on each, take the best strict gain, halve the steps when none gains.
+
+    For speed the score is taken over each fixed ROI's few best partners at the current
+    transform (:func:`_nearest_partners` among ``cands``), chosen again at every halving.
+    """
+    if len(cands[0]) == 0:
         return matrix
     z0 = complex(*fixed.centroids.mean(axis=0))
     a = complex(matrix[0, 0], matrix[1, 0])
@@ -324,24 +325,40 @@ def _compass_search(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMome
     params = np.array([np.angle(a), np.log(abs(a)), w.real, w.imag])
     step = np.array([np.radians(2.0), 0.02, 0.02 * spread, 0.02 * spread])
     moves = np.concatenate([np.eye(4), -np.eye(4)])
-    cf, covf, cm, covm = fixed.centroids[fj], fixed.covariances[fj], moving.centroids[mi], moving.covariances[mi]
-
-    def score(p: np.ndarray) -> np.ndarray:
-        m = _from_params(p, z0)
-        return _per_fixed_max(_agreeing(_overlap(m, cf, covf, cm, covm), min_agreement) * sim, fj).sum(axis=1)
-
-    best = float(score(params[None])[0])
+    score, best = None, -np.inf
     for _ in range(rounds):
+        if score is None:
+            score = _score_over(_nearest_partners(_from_params(params[None], z0)[0], fixed, moving, cands, KEEP),
+                                fixed, moving, min_agreement, z0)
+            best = float(score(params[None])[0])
         trial = params + moves * step
         values = score(trial)
         k = int(np.argmax(values))
         if values[k] > best + 1e-12:
             params, best = trial[k], float(values[k])
         elif step[0] > np.radians(0.02):
-            step = step / 2
+            step, score = step / 2, None
         else:
             break
     return _from_params(params[None], z0)[0]
+
+
+#: Partners per fixed ROI the compass search scores, chosen among its ``POOL`` best at the start.
+KEEP, POOL = 3, 16
+
+
+def _score_over(cands: tuple[np.ndarray, ...], fixed: RegionMoments, moving: RegionMoments, min_agreement: float,
+                z0: complex):
+    """The score of ``(H, 4)`` parameter rows (see :func:`_from_params`) over ``cands``."""
+    fj, mi, sim = cands
+    cf, covf, cm, covm = fixed.centroids[fj], fixed.covariances[fj], moving.centroids[mi], moving.covariances[mi]
+
+    def score(p: np.ndarray) -> np.ndarray:
+        if len(fj) == 0:
+            return np.zeros(len(p))
+        return _per_fixed_max(_agreeing(_overlap(_from_params(p, z0), cf, covf, cm, covm), min_agreement) * sim,
+                              fj).sum(axis=1)
+    return score
 
 
 def _nearest_partners(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments,
@@ -383,8 +400,8 @@ def _associate(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments, 
         return (fj, mi, np.zeros(0)), 0.0
     bc = _overlap(matrix[None], fixed.centroids[fj], fixed.covariances[fj], moving.centroids[mi],
                   moving.covariances[mi])[0]
-    value, idx = _per_fixed_best((_agreeing(bc, min_agreement) * sim)[None], fj)
-    sel = idx[0][bc[idx[0]] >= min_agreement]
+    value, idx = _per_fixed_best(_agreeing(bc, min_agreement) * sim, fj)
+    sel = idx[bc[idx] >= min_agreement]
     return (fj[sel], mi[sel], bc[sel]), float(value.sum())
 
 

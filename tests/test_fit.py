@@ -488,3 +488,26 @@ def test_choose_start_takes_the_candidate_only_when_the_images_agree_clearly_bet
     wrong[:2, 2] = [9.0, -6.0]
     choice = choose_start(fixed, shifted, wrong, FitOptions(initialize="identity"))
     assert choice.name == "usual" and choice.affine is None
+
+
+def test_the_image_term_continues_the_moving_border_beyond_its_field_of_view():
+    """A fixed field of view that reaches 9 px past the moving one's right edge, over a source
+    that is constant there: under the true translation the image term is exactly 0 (zeros
+    beyond the edge would count those 9 columns as a mismatch)."""
+    from fmreg.optimize.fit import FitReport, finest_level
+    from fmreg.optimize.stages import Fitter
+
+    grid = Grid((40, 64), (1.0, 1.0))
+    y, x = torch.meshgrid(torch.arange(40.0), torch.arange(64.0), indexing="ij")
+
+    def source(xx: torch.Tensor) -> torch.Tensor:  # constant in x from column 50 on, values in [0.1, 0.9]
+        return 0.5 + 0.4 * torch.sin(xx.clamp(max=50.0) / 4) * torch.cos(y / 5)
+
+    fitter = Fitter(FitOptions(), grid, grid, FitReport(), slice_axis=None, use_image=True)
+    fitter.set_images(source(x + 9), source(x))  # fixed(p) = moving(p + (9, 0))
+    right = np.eye(3)
+    right[0, 2] = 9.0
+    level = finest_level(FitOptions(), fitter.grids)
+    true_term, identity_term = fitter.start_terms([right, np.eye(3)], level)
+    assert true_term == pytest.approx(0.0, abs=1e-10)
+    assert identity_term > 1e-3

@@ -66,6 +66,16 @@ def _warp(x: Tensor, points: Tensor) -> Tensor:
     return sample_normalized(x[None], points)[0]
 
 
+def _warp_image(level: Level, points: Tensor) -> Tensor:
+    """The level's moving image at ``(1, *shape, ndim)`` normalized points, ``(*shape)``.
+
+    Beyond its grid the moving image continues its border: with zeros there, fixed anatomy that
+    the moving field of view cut off is pulled towards the edge, and a pair whose fields of view
+    differ is bent to match them.
+    """
+    return sample_normalized(level.moving_image[None, None], points, padding="border")[0, 0]
+
+
 def _centroids_normalized(masks: Tensor, grid: Grid) -> Tensor:
     """``(K, ndim)`` float32 centroids of ``(K, *shape)`` soft masks, normalized frame (0 if empty)."""
     return torch.nan_to_num(mask_centroids(masks, grid, Frame.NORMALIZED), nan=0.0).float()
@@ -190,7 +200,7 @@ class Fitter:
         metric = MSE() if self.opt.image_metric == "mse" else LNCC(lncc_window(level.grid, self.opt.lncc_window_mm))
         with torch.no_grad():
             points = self.transform(self.velocity, self.fixed_grid).normalized_points(level.grid.shape)
-            return float(metric(level.fixed_image, _warp(level.moving_image[None], points)[0]).total)
+            return float(metric(level.fixed_image, _warp_image(level, points)).total)
 
     def _level(self, stage: Stage) -> Level:
         level = Level(self.grids[stage.level])
@@ -210,7 +220,7 @@ class Fitter:
         if self.use_image and opt.fine_min_correlation is not None:
             with torch.no_grad():
                 loc = self.transform(self.velocity, self.fixed_grid).normalized_points(level.grid.shape)
-                corr = correlation(level.fixed_image, _warp(level.moving_image[None], loc)[0])
+                corr = correlation(level.fixed_image, _warp_image(level, loc))
             self.fine_detail = corr >= opt.fine_min_correlation
             self.report.fine_correlation = round(corr, 4)
             log.info("fit: image correlation %.3f before the finest level: fine settings %s", corr,
@@ -351,7 +361,7 @@ class Fitter:
                 if centroid is not None:
                     record = record + centroid(points)
             if self.use_image:
-                term = image(level.fixed_image, _warp(level.moving_image[None], points)[0])
+                term = image(level.fixed_image, _warp_image(level, points))
                 record = LossRecord(record.total + image_weight * term.total, {**record.terms, **term.terms})
             return record
 

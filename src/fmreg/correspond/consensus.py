@@ -186,7 +186,11 @@ def _two_point_hypotheses(zf: np.ndarray, zm: np.ndarray, weights: np.ndarray, c
     i, j, dz = i[ok], j[ok], dz[ok]
     a = (zm[i] - zm[j]) / dz
     ok = (np.abs(a) >= 1 / MAX_SCALE) & (np.abs(a) <= MAX_SCALE)
-    a, b = a[ok], (zm[i] - a * zf[i])[ok]
+    return _similarities(a[ok], (zm[i] - a * zf[i])[ok])
+
+
+def _similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(H, 3, 3)`` homogeneous matrices of the similarities ``z ↦ a z + b`` (complex ``(H,)``)."""
     out = np.zeros((len(a), 3, 3))
     out[:, 0, 0], out[:, 0, 1], out[:, 0, 2] = a.real, -a.imag, b.real
     out[:, 1, 0], out[:, 1, 1], out[:, 1, 2] = a.imag, a.real, b.imag
@@ -378,12 +382,7 @@ def _nearest_partners(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMo
 def _from_params(params: np.ndarray, z0: complex) -> np.ndarray:
     """``(H, 3, 3)`` similarities ``z ↦ a (z − z0) + w`` from ``(H, 4)`` (angle, log scale, Re w, Im w)."""
     a = np.exp(params[:, 1] + 1j * params[:, 0])
-    b = params[:, 2] + 1j * params[:, 3] - a * z0
-    out = np.zeros((len(params), 3, 3))
-    out[:, 0, 0], out[:, 0, 1], out[:, 0, 2] = a.real, -a.imag, b.real
-    out[:, 1, 0], out[:, 1, 1], out[:, 1, 2] = a.imag, a.real, b.imag
-    out[:, 2, 2] = 1.0
-    return out
+    return _similarities(a, params[:, 2] + 1j * params[:, 3] - a * z0)
 
 
 def _per_fixed_max(values: np.ndarray, fj: np.ndarray) -> np.ndarray:

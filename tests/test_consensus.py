@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fmreg.core.grid import Frame, Grid
-from fmreg.correspond.consensus import (RegionMoments, _nearest_partners, _weighted_similarity, consensus_similarity,
-                                        region_moments, to_physical)
+from fmreg.correspond.consensus import (RegionMoments, _nearest_partners, _weighted_similarity, agreement,
+                                        consensus_similarity, region_moments, to_physical)
 
 
 def _similarity(angle_deg: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
@@ -144,3 +144,16 @@ def test_to_physical_in_3d_moves_every_slice_alike_and_keeps_the_slice():
         idx = moving.convert_points(torch.as_tensor(q), Frame.PHYSICAL, Frame.VOXEL).numpy()[0]
         in_plane = m[:2, :2] @ (index[0, :2] * 1.5) + m[:2, 2]
         np.testing.assert_allclose(idx, [*(in_plane / 1.5), z], atol=1e-9)
+
+
+def test_agreement_under_a_given_map_pairs_the_regions_it_overlaps():
+    rng = np.random.default_rng(5)
+    protos = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(5)), dim=1)
+    fixed = _regions(rng, 6, protos)
+    # Regions 0-2 stay, 3-5 move 60 mm: under the identity only the first three agree.
+    moving = RegionMoments(fixed.centroids + np.array([[0.0, 0.0]] * 3 + [[60.0, 0.0]] * 3), fixed.covariances,
+                           fixed.slices, protos)
+    still = agreement(np.eye(3), fixed, moving, min_agreement=0.7)
+    assert sorted(zip(still.fixed_index.tolist(), still.moving_index.tolist())) == [(0, 0), (1, 1), (2, 2)]
+    np.testing.assert_allclose(still.agreement, 1.0, atol=1e-9)
+    np.testing.assert_array_equal(still.matrix, np.eye(3))

@@ -108,3 +108,24 @@ def test_a_2d_model_registers_a_3d_stack_slice_by_slice(run_dir, tmp_path):
                  "--method", "mask-guided-labels", "--param", f"weights={run_dir / 'checkpoint.pt'}", *labels, "-q"]) == 0
     doc = json.loads((out / "result.json").read_text())
     assert "slice_axis" in doc
+
+
+def test_the_consensus_pairs_count_only_when_the_images_confirm_the_move():
+    import numpy as np
+    import torch
+
+    from fmreg.core.grid import Grid
+    from fmreg.core.image import Image
+    from fmreg.correspond.pairs import Correspondences
+    from fmreg.methods.mask_guided import _consensus_holds
+
+    grid = Grid((64, 64), (1.0, 1.0))
+    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    fixed = Image(torch.sin(x / 4) * torch.cos(y / 5) + 0.02 * x, grid)
+    moving = Image(torch.sin((x + 9) / 4) * torch.cos((y - 6) / 5) + 0.02 * (x + 9), grid)  # moving(p) = fixed(p - s)
+    right, wrong = np.eye(3), np.eye(3)
+    right[:2, 2] = [-9.0, 6.0]
+    wrong[:2, 2] = [9.0, -6.0]
+    assert _consensus_holds(fixed, moving, Correspondences([], [], None, right))
+    assert not _consensus_holds(fixed, moving, Correspondences([], [], None, wrong))
+    assert _consensus_holds(fixed, moving, Correspondences([], [], None, None))  # the identity consensus

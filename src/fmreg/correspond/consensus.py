@@ -30,7 +30,7 @@ from torch import Tensor
 from fmreg.core.grid import Grid
 from fmreg.correspond.matching import similarity_matrix
 
-__all__ = ["GlobalMatch", "RegionMoments", "consensus_similarity", "region_moments", "to_physical"]
+__all__ = ["GlobalMatch", "RegionMoments", "agreement", "consensus_similarity", "region_moments", "to_physical"]
 
 
 @dataclass
@@ -271,6 +271,15 @@ def consensus_similarity(fixed: RegionMoments, moving: RegionMoments, top_k: int
     if len(fsel) < min_pairs or score <= id_score:
         return _match(identity, id_sel[0], id_sel[1], id_sel[2], id_score, id_score)
     return _match(best, fsel, msel, weight, score, id_score)
+
+
+def agreement(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments, slice_range: int = 0,
+              min_agreement: float = 0.5) -> GlobalMatch:
+    """The ROI pairs that agree with a given ``(3, 3)`` in-plane map (e.g. the identity): each
+    fixed ROI's best agreeing partner among every moving ROI of the slices searched."""
+    (fj, mi, bc), score = _associate(matrix, fixed, moving, _candidates(fixed, moving, len(moving), slice_range),
+                                     min_agreement)
+    return _match(matrix, fj, mi, bc, score, score)
 
 
 def _distinct_best(hyps: np.ndarray, scores: np.ndarray, spread: float, count: int) -> list[np.ndarray]:

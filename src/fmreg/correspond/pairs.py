@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fmreg.core.grid import Grid, mask_centroids, through_plane_axis
 from fmreg.core.image import Image
-from fmreg.correspond.consensus import GlobalMatch, consensus_similarity, region_moments, to_physical
+from fmreg.correspond.consensus import GlobalMatch, agreement, consensus_similarity, region_moments, to_physical
 from fmreg.correspond.matching import SIMILARITY_THRESHOLD, match_rois, similarity_matrix
 from fmreg.correspond.prototypes import roi_prototypes
 from fmreg.segment.base import Encoder, RoiProposals, Segmenter
@@ -362,20 +362,25 @@ class Correspondences:
             when the search is off.
         global_affine: ``(ndim+1, ndim+1)`` its map of fixed physical mm to moving physical mm,
             or None when the search is off or kept the identity.
+        identity_pairs: The search's candidates that agree with no move, when asked for.
     """
 
     local_pairs: list[RoiPair]
     global_pairs: list[RoiPair] | None = None
     global_match: GlobalMatch | None = None
     global_affine: np.ndarray | None = None
+    identity_pairs: list[RoiPair] | None = None
 
 
 def _global_search(f_an: list[SliceRois], m_an: list[SliceRois], geo: _SliceGeometry, opt: SamRegOptions,
-                   threed: bool) -> GlobalMatch:
+                   threed: bool) -> tuple[GlobalMatch, GlobalMatch]:
+    """The consensus and the candidates that agree with no move."""
     fixed = region_moments([a.candidates.masks for a in f_an], [a.candidate_prototypes for a in f_an], geo.spacing_fixed)
     moving = region_moments([a.candidates.masks for a in m_an], [a.candidate_prototypes for a in m_an], geo.spacing_moving)
-    return consensus_similarity(fixed, moving, top_k=opt.global_top_k, slice_range=opt.slice_range if threed else 0,
-                                min_agreement=opt.global_agreement)
+    slice_range = opt.slice_range if threed else 0
+    return (consensus_similarity(fixed, moving, top_k=opt.global_top_k, slice_range=slice_range,
+                                 min_agreement=opt.global_agreement),
+            agreement(np.eye(3), fixed, moving, slice_range, opt.global_agreement))
 
 
 def _consensus_pairs(match: GlobalMatch, f_an: list[SliceRois], m_an: list[SliceRois], fixed: Image,
@@ -408,6 +413,7 @@ def find_correspondences(
     encoder: Encoder,
     options: SamRegOptions | None = None,
     timings: dict | None = None,
+    identity_pairs: bool = False,
 ) -> Correspondences:
     """Segment everything in both images, find the global transform the ROIs agree on, and
     match ROIs by prototype similarity.
@@ -418,6 +424,7 @@ def find_correspondences(
         segmenter, encoder: Any backend pair (see :mod:`fmreg.segment.base`).
         options: ROI-stage settings.
         timings: Optional dict that receives stage durations in seconds.
+        identity_pairs: Also return the candidates that agree with no global move.
 
     Returns:
         The pairs (masks on the full fixed / moving grids) and the global transform.
@@ -436,9 +443,11 @@ def find_correspondences(
 
     t1 = time.perf_counter()
     geo = _slice_geometry(fixed, moving, axis)
-    match, affine, matrix = None, None, None
+    match, affine, matrix, still = None, None, None, None
     if opt.global_transform:
-        match = _global_search(f_an, m_an, geo, opt, axis is not None)
+        match, unmoved = _global_search(f_an, m_an, geo, opt, axis is not None)
+        if identity_pairs:
+            still = _consensus_pairs(unmoved, f_an, m_an, fixed, moving, axis)
         if not np.allclose(match.matrix, np.eye(3)):
             matrix = match.matrix
             affine = to_physical(matrix, fixed.grid, moving.grid, axis)
@@ -450,7 +459,7 @@ def find_correspondences(
                  else _matched_pairs(f_an, m_an, fixed, moving, axis, geo, opt, matrix))
     timings["match"] = time.perf_counter() - t1
     log.info("samreg: %d ROI pair(s)%s", len(local), "" if moved is None else f", {len(moved)} after the global move")
-    return Correspondences(local, moved, match, affine)
+    return Correspondences(local, moved, match, affine, still)
 
 
 def _matched_pairs(f_an: list[SliceRois], m_an: list[SliceRois], fixed: Image, moving: Image, axis: int | None,

@@ -23,13 +23,14 @@ from fmreg.core.grid import through_plane_axis
 from fmreg.core.image import Image, check_label_grid, check_pair
 from fmreg.core.intensity import resize
 from fmreg.correspond.labels import label_roi_pairs
-from fmreg.correspond.pairs import RoiPair, SamRegOptions, find_correspondences
+from fmreg.correspond.pairs import Correspondences, RoiPair, SamRegOptions, find_correspondences
 from fmreg.errors import FmregError
 from fmreg.losses.mask_guided import MaskGuidedLoss
 from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.gradicon import WEIGHTS_PACKAGE, weights_card
 from fmreg.methods.params import declare
 from fmreg.nn.images import network_input, physical_field, slicewise_field, stack_inputs
+from fmreg.optimize.fit import FitOptions, choose_start
 from fmreg.optimize.instance import check_instance_options, instance_optimise
 
 
@@ -99,6 +100,15 @@ def slice_mask_channels(pairs: list[RoiPair], axis: int, moving_index: Tensor, s
     return mm, fm
 
 
+def _consensus_holds(fixed: Image, moving: Image, found: Correspondences) -> bool:
+    """Whether the ROI consensus move is to be believed: it is the identity, or the images agree
+    with it clearly better than with no move (SAMReg's start rule, against the identity the
+    network starts from). A wrong consensus hands the network wrong mask pairs."""
+    if found.global_affine is None:
+        return True
+    return choose_start(fixed, moving, found.global_affine, FitOptions(initialize="identity")).name == "candidate"
+
+
 SEGMENTERS = ("classical", "sam", "medsam")
 PAIR_SOURCES = ("consensus", "matched")
 
@@ -129,8 +139,9 @@ class MaskGuidedMethod:
         "weights": (None, "checkpoint of fmreg train --model mask-guided (null: the model shipped with fmreg)"),
         "segmenter": (SEGMENTERS, "where the ROI masks come from (SAMReg's ROI pairs)"),
         "model": (None, "Segment Anything model folder (sam) or LiteMedSAM weights file (medsam)"),
-        "pair_source": (PAIR_SOURCES, "consensus: when the ROIs agree on a global move, the ROI pairs that agree "
-                                      "with it (else the matched ones); matched: the prototype matches"),
+        "pair_source": (PAIR_SOURCES, "consensus: when the ROIs agree on a global move that the images confirm, the "
+                                      "ROI pairs that agree with it (else the matched ones); matched: the prototype "
+                                      "matches"),
         **_IO_PARAMS,
     })
 
@@ -155,9 +166,16 @@ class MaskGuidedMethod:
         seg = make_backend(self.segmenter, self.model, "segmenter", cache)
         enc = make_backend(self.segmenter, self.model, "encoder", cache)
         # Wrong matches mislead the network: pairs that agree with the global move the ROIs
-        # found are fewer but more often right (docs/benchmarks.md).
-        found = find_correspondences(fixed, moving, seg, enc, SamRegOptions(pair_source=self.pair_source))
-        return found.global_pairs if self.pair_source == "consensus" and found.global_pairs else found.local_pairs
+        # found (or, when the images reject that move, with none) are fewer but more often
+        # right (docs/benchmarks.md).
+        found = find_correspondences(fixed, moving, seg, enc, SamRegOptions(pair_source=self.pair_source),
+                                     identity_pairs=self.pair_source == "consensus")
+        if self.pair_source == "consensus":
+            if found.global_pairs and _consensus_holds(fixed, moving, found):
+                return found.global_pairs
+            if found.identity_pairs:
+                return found.identity_pairs
+        return found.local_pairs
 
     def register(self, fixed: Image, moving: Image, fixed_labels: Image | None = None,
                  moving_labels: Image | None = None) -> RegistrationResult:

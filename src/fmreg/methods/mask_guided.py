@@ -139,9 +139,9 @@ class MaskGuidedMethod:
         "weights": (None, "checkpoint of fmreg train --model mask-guided (null: the model shipped with fmreg)"),
         "segmenter": (SEGMENTERS, "where the ROI masks come from (SAMReg's ROI pairs)"),
         "model": (None, "Segment Anything model folder (sam) or LiteMedSAM weights file (medsam)"),
-        "pair_source": (PAIR_SOURCES, "consensus: when the ROIs agree on a global move that the images confirm, the "
-                                      "ROI pairs that agree with it (else the matched ones); matched: the prototype "
-                                      "matches"),
+        "pair_source": (PAIR_SOURCES, "consensus: the ROI pairs that agree with the global move the ROIs agree on "
+                                      "when the images confirm it, else those that agree with no move; matched: the "
+                                      "prototype matches"),
         **_IO_PARAMS,
     })
 

@@ -265,7 +265,38 @@ keys of --param KEY=VALUE."""
         return 0
 
 
-COMMANDS: tuple[type[Command], ...] = (Register, Warp, Jacobian, Evaluate, Bench, Demo, Methods, Train)
+@dataclass(kw_only=True)
+class KnownPairs(Command):
+    """Cut benchmark pairs with known transforms from 2D images: per SOURCE and seed, the fixed
+image is the source resampled through a random similarity (rotation up to 20°, scale 0.9-1.1,
+shift up to 15 % of the image) plus a smooth local field, the moving image its central crop.
+
+Writes into OUTDIR: pairs.csv, and per pair <name>_fixed.nii.gz, _moving.nii.gz, landmark CSVs
+(a grid of fixed points and their true moving positions) and _true_ddf.nii.gz (the true
+fixed->moving field, mm). Then `fmreg bench OUTDIR/pairs.csv -m samreg -m elastix ...` scores
+each method's landmark TRE against the known transform."""
+
+    name: ClassVar[str] = "known-pairs"
+    help: ClassVar[str] = "make benchmark pairs with known transforms from 2D images"
+    sources: list[Path] = arg(help="2D images (textures of the pairs)", type=Path, nargs="+", metavar="SOURCE")
+    outdir: Path = arg("-o", "--outdir", help="output folder", type=Path, required=True, metavar="OUTDIR")
+    seeds: list[int] = arg("--seeds", help="one pair per seed and source (default: 1 2)", type=int, nargs="+",
+                           default=None, metavar="N")
+    local_mm: float = arg("--local-mm", help="largest component of the local field, mm (default 3)", type=float,
+                          default=3.0)
+    overwrite: bool = arg("--overwrite", help="replace earlier outputs in a source image's folder", default=False,
+                          action="store_true")
+
+    def run(self) -> int:
+        from fmreg.app.known_pairs import write_known_pairs
+
+        path = write_known_pairs(self.sources, self.outdir, self.seeds or [1, 2], self.local_mm, self.overwrite,
+                                 self.log)
+        print(f"known-transform pairs: {path}")
+        return 0
+
+
+COMMANDS: tuple[type[Command], ...] = (Register, Warp, Jacobian, Evaluate, Bench, Demo, Methods, Train, KnownPairs)
 
 
 def build_parser() -> argparse.ArgumentParser:

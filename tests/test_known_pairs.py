@@ -1,0 +1,79 @@
+"""``fmreg known-pairs``: benchmark pairs with known transforms, scored by ``fmreg bench``."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from fmreg.cli import main
+from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import Image
+from fmreg.core.sampling import sample
+from fmreg.io.fields import read_field
+from fmreg.io.images import read_image, write_image
+from fmreg.io.manifest import read_landmarks
+
+
+@pytest.fixture()
+def source(tmp_path):
+    y, x = torch.meshgrid(torch.arange(80.0), torch.arange(96.0), indexing="ij")
+    path = tmp_path / "src" / "texture.nii.gz"
+    path.parent.mkdir()
+    write_image(Image(torch.sin(x / 6) * torch.cos(y / 5) + 0.01 * x, Grid((80, 96), (1.0, 1.0))), path)
+    return path
+
+
+def test_the_moving_landmarks_are_the_true_field_applied_to_the_fixed_ones(source, tmp_path, capsys):
+    out = tmp_path / "known"
+    assert main(["known-pairs", str(source), "-o", str(out), "--seeds", "4", "-q"]) == 0
+    rows = list(csv.DictReader((out / "pairs.csv").open()))
+    assert [r["name"] for r in rows] == ["texture_s4"]
+    p = read_landmarks(out / rows[0]["fixed_landmarks"])
+    q = read_landmarks(out / rows[0]["moving_landmarks"])
+    assert p.shape == q.shape and len(p) >= 50
+    truth = read_field(out / "texture_s4_true_ddf.nii.gz")
+    fixed = read_image(out / rows[0]["fixed"])
+    moving = read_image(out / rows[0]["moving"])
+    p_mm = fixed.grid.convert_points(p, Frame.VOXEL, Frame.PHYSICAL)
+    u = sample(truth.to(Frame.PHYSICAL).data, truth.grid, p_mm.T.contiguous(), mode="linear", fill=None).T
+    expected = moving.grid.convert_points(p_mm + u.double(), Frame.PHYSICAL, Frame.VOXEL)
+    torch.testing.assert_close(q, expected, atol=1e-3, rtol=0)
+    # Every moving landmark lies at least a pixel inside the moving image.
+    assert bool(((q >= 1) & (q <= torch.tensor(moving.grid.size, dtype=q.dtype) - 2)).all())
+
+
+def test_bench_scores_the_identity_at_the_landmarks_displacement(source, tmp_path, capsys):
+    out = tmp_path / "known"
+    assert main(["known-pairs", str(source), "-o", str(out), "--seeds", "1", "2", "-q"]) == 0
+    assert main(["bench", str(out / "pairs.csv"), "-m", "identity", "-o", str(tmp_path / "bench"), "-q"]) == 0
+    rows = {r["name"]: r for r in csv.DictReader((tmp_path / "bench" / "results.csv").open())}
+    for name in ("texture_s1", "texture_s2"):
+        p = read_landmarks(out / f"{name}_fixed_landmarks.csv")
+        q = read_landmarks(out / f"{name}_moving_landmarks.csv")
+        assert float(rows[name]["tre_mean"]) == pytest.approx(float((p - q).norm(dim=1).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "1", "1"], "seeds must be distinct"),
+    (["--local-mm", "nan"], "local_mm must be a finite number"),
+])
+def test_bad_settings_are_one_line_errors_and_write_nothing(source, tmp_path, capsys, args, message):
+    out = tmp_path / "known"
+    assert main(["known-pairs", str(source), "-o", str(out), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not out.exists()
+
+
+def test_a_3d_source_is_refused_and_nothing_is_left(tmp_path, capsys):
+    path = tmp_path / "vol.nii.gz"
+    write_image(Image(torch.rand(6, 20, 20), Grid((6, 20, 20))), path)
+    out = tmp_path / "known"
+    assert main(["known-pairs", str(path), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "2D" in err
+    assert not out.exists() or not any(out.iterdir())
+    np.testing.assert_array_equal(read_image(path).data.shape, (6, 20, 20))

@@ -373,14 +373,14 @@ class Correspondences:
 
 
 def _global_search(f_an: list[SliceRois], m_an: list[SliceRois], geo: _SliceGeometry, opt: SamRegOptions,
-                   threed: bool) -> tuple[GlobalMatch, GlobalMatch]:
-    """The consensus and the candidates that agree with no move."""
+                   threed: bool, unmoved: bool) -> tuple[GlobalMatch, GlobalMatch | None]:
+    """The consensus and (with ``unmoved``) the candidates that agree with no move."""
     fixed = region_moments([a.candidates.masks for a in f_an], [a.candidate_prototypes for a in f_an], geo.spacing_fixed)
     moving = region_moments([a.candidates.masks for a in m_an], [a.candidate_prototypes for a in m_an], geo.spacing_moving)
     slice_range = opt.slice_range if threed else 0
     return (consensus_similarity(fixed, moving, top_k=opt.global_top_k, slice_range=slice_range,
                                  min_agreement=opt.global_agreement),
-            agreement(np.eye(3), fixed, moving, slice_range, opt.global_agreement))
+            agreement(np.eye(3), fixed, moving, slice_range, opt.global_agreement) if unmoved else None)
 
 
 def _consensus_pairs(match: GlobalMatch, f_an: list[SliceRois], m_an: list[SliceRois], fixed: Image,
@@ -445,8 +445,8 @@ def find_correspondences(
     geo = _slice_geometry(fixed, moving, axis)
     match, affine, matrix, still = None, None, None, None
     if opt.global_transform:
-        match, unmoved = _global_search(f_an, m_an, geo, opt, axis is not None)
-        if identity_pairs:
+        match, unmoved = _global_search(f_an, m_an, geo, opt, axis is not None, identity_pairs)
+        if unmoved is not None:
             still = _consensus_pairs(unmoved, f_an, m_an, fixed, moving, axis)
         if not np.allclose(match.matrix, np.eye(3)):
             matrix = match.matrix

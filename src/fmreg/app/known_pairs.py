@@ -19,7 +19,6 @@ import torch
 
 from fmreg.app.common import Log, stderr_log
 from fmreg.core.grid import Frame, Grid
-from fmreg.core.sampling import sample
 from fmreg.errors import FmregError
 from fmreg.evaluate.known_transforms import KnownPair, known_transform_pair, random_similarity
 from fmreg.io.fields import write_field
@@ -45,8 +44,7 @@ def known_landmarks(pair: KnownPair, per_side: int = 12) -> tuple[np.ndarray, np
     xs, ys = np.meshgrid(*ticks, indexing="xy")
     fixed_px = np.stack([xs.ravel(), ys.ravel()], axis=1)
     fixed_mm = grid.convert_points(torch.as_tensor(fixed_px), Frame.VOXEL, Frame.PHYSICAL)
-    u = sample(pair.truth.to(Frame.PHYSICAL).data, grid, fixed_mm.T.contiguous(), mode="linear", fill=None)
-    moving_mm = fixed_mm + u.T.to(torch.float64)
+    moving_mm = pair.truth.map_points(fixed_mm)
     moving_grid = pair.moving.grid
     moving_px = moving_grid.convert_points(moving_mm, Frame.PHYSICAL, Frame.VOXEL).numpy()
     hi = np.asarray(moving_grid.size, dtype=np.float64) - 2.0

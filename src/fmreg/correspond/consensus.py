@@ -213,10 +213,15 @@ def _weighted_similarity(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.
     return out
 
 
+def _group_starts(fj: np.ndarray) -> np.ndarray:
+    """Where each fixed ROI's run of candidates begins in ``fj`` (candidates grouped by fixed ROI)."""
+    return np.flatnonzero(np.r_[True, fj[1:] != fj[:-1]])
+
+
 def _per_fixed_best(values: np.ndarray, fj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For ``(N,)`` values over candidates grouped by fixed ROI ``fj``: the ``(G,)`` maximum per
     fixed ROI and the ``(G,)`` index of the first candidate reaching it."""
-    starts = np.flatnonzero(np.r_[True, fj[1:] != fj[:-1]])
+    starts = _group_starts(fj)
     best = np.maximum.reduceat(values, starts)
     group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(fj)]))
     hits = np.flatnonzero(values == best[group])
@@ -260,13 +265,12 @@ def consensus_similarity(fixed: RegionMoments, moving: RegionMoments, top_k: int
     # Refine on every plausible pair, not only the candidates: under a good hypothesis the right
     # partner of a region is the one it overlaps, whichever rank its prototype had.
     dense = _candidates(fixed, moving, len(moving), slice_range)
-    best, best_score = identity, -np.inf
+    best, (fsel, msel, weight), score = identity, (fj[:0], mi[:0], np.zeros(0)), -np.inf
     for start in _distinct_best(hyps, scores, spread, starts):
         refined = _refine(start, fixed, moving, dense, min_agreement, min_pairs, spread)
-        value = _associate(refined, fixed, moving, dense, min_agreement)[1]
-        if value > best_score:
-            best, best_score = refined, value
-    (fsel, msel, weight), score = _associate(best, fixed, moving, dense, min_agreement)
+        sel, value = _associate(refined, fixed, moving, dense, min_agreement)
+        if value > score:
+            best, (fsel, msel, weight), score = refined, sel, value
     id_sel, id_score = _associate(identity, fixed, moving, dense, min_agreement)
     if len(fsel) < min_pairs or score <= id_score:
         return _match(identity, id_sel[0], id_sel[1], id_sel[2], id_score, id_score)
@@ -382,7 +386,7 @@ def _nearest_partners(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMo
     value = sim * _overlap(matrix[None], fixed.centroids[fj], fixed.covariances[fj], moving.centroids[mi],
                            moving.covariances[mi])[0]
     order = np.lexsort((-value, fj))
-    starts = np.flatnonzero(np.r_[True, fj[order][1:] != fj[order][:-1]])
+    starts = _group_starts(fj[order])
     rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     sel = np.sort(order[(rank < keep) & (value[order] > 0)])
     return fj[sel], mi[sel], sim[sel]
@@ -396,7 +400,7 @@ def _from_params(params: np.ndarray, z0: complex) -> np.ndarray:
 
 def _per_fixed_max(values: np.ndarray, fj: np.ndarray) -> np.ndarray:
     """``(H, G)`` maximum of ``(H, N)`` values per fixed ROI (candidates grouped by ``fj``)."""
-    return np.maximum.reduceat(values, np.flatnonzero(np.r_[True, fj[1:] != fj[:-1]]), axis=1)
+    return np.maximum.reduceat(values, _group_starts(fj), axis=1)
 
 
 def _associate(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments, cands: tuple[np.ndarray, ...],

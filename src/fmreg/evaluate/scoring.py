@@ -32,7 +32,6 @@ from fmreg.evaluate import metrics
 from fmreg.evaluate.metrics import _as_tensor, _check_label_values, _check_on_grid, _warn
 from fmreg.io.manifest import LabelSpec
 from fmreg.transforms.displacement import DisplacementField, jacobian_determinant
-from fmreg.core.sampling import sample
 
 __all__ = [
     "LabelScores",
@@ -225,9 +224,7 @@ def landmark_errors(
         p = grid.convert_points(p, Frame.VOXEL, Frame.PHYSICAL)
         q = (moving_grid or Grid(grid.shape)).convert_points(q, Frame.VOXEL, Frame.PHYSICAL)
     # Landmarks off the fixed grid take the nearest border displacement rather than none.
-    u = sample(field.to(Frame.PHYSICAL).data, grid, p.T.contiguous(), mode="linear", fill=None)
-    mapped = p + u.T.to(torch.float64)
-    return metrics.landmark_tre(mapped, q)
+    return metrics.landmark_tre(field.map_points(p), q)
 
 
 def _landmark_summary(errors: Tensor, grid: Grid) -> dict[str, Any]:

@@ -31,9 +31,9 @@ from fmreg.errors import FmregError
 from fmreg.training.augment import affine_points, flip_permute, flip_permute_points, random_affine, random_flip_permute, uniform
 from fmreg.transforms.velocity import resize_vectors, scaling_and_squaring
 
-__all__ = ["SyntheticConfig", "SyntheticPair", "SyntheticPairs", "corrupt", "integrate_velocity", "label_logits",
-           "labels_at", "pair_seed", "RandomMap", "fixed_to_moving", "random_map", "random_deformation", "random_label_map", "random_velocity", "render",
-           "smooth_noise", "synthesize_pair"]
+__all__ = ["RandomMap", "SyntheticConfig", "SyntheticPair", "SyntheticPairs", "corrupt", "fixed_to_moving",
+           "integrate_velocity", "label_logits", "labels_at", "pair_seed", "random_deformation",
+           "random_label_map", "random_map", "random_velocity", "render", "smooth_noise", "synthesize_pair"]
 
 
 @dataclass

@@ -69,6 +69,12 @@ class DisplacementField:
         frame = Frame(frame)
         return self.grid.coordinates(frame, dtype=self.data.dtype) + self.to(frame).data
 
+    def map_points(self, points: Tensor) -> Tensor:
+        """``T(p) = p + u(p)`` of ``(N, ndim)`` physical points (mm, components ``(x, y[, z])``),
+        in their dtype; points off the grid take the nearest border displacement."""
+        u = sample(self.to(Frame.PHYSICAL).data, self.grid, points.T.contiguous(), mode="linear", fill=None)
+        return points + u.T.to(points.dtype)
+
 
 # ---------------------------------------------------------------------------- algebra
 def compose(outer: DisplacementField, inner: DisplacementField) -> DisplacementField:

@@ -77,3 +77,13 @@ def test_a_3d_source_is_refused_and_nothing_is_left(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "2D" in err
     assert not out.exists() or not any(out.iterdir())
     np.testing.assert_array_equal(read_image(path).data.shape, (6, 20, 20))
+
+
+def test_a_constant_source_is_refused_and_nothing_is_left(tmp_path, capsys):
+    path = tmp_path / "flat.nii.gz"
+    write_image(Image(torch.full((40, 40), 3.0), Grid((40, 40))), path)
+    out = tmp_path / "known"
+    assert main(["known-pairs", str(path), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no contrast" in err
+    assert not out.exists() or not any(out.iterdir())

@@ -19,6 +19,7 @@ import torch
 
 from fmreg.app.common import Log, stderr_log
 from fmreg.core.grid import Frame, Grid
+from fmreg.core.image import check_contrast
 from fmreg.errors import FmregError
 from fmreg.evaluate.known_transforms import KnownPair, known_transform_pair, random_similarity
 from fmreg.io.fields import write_field
@@ -100,6 +101,7 @@ def write_known_pairs(
             image = read_image(source)
             if image.ndim != 2:
                 raise FmregError(f"{source}: known-transform pairs are 2D, this image is {image.ndim}D")
+            check_contrast(image, "source image")
             extent = tuple(0.75 * n * s for n, s in zip(image.grid.size, image.grid.spacing))
             params = random_similarity(np.random.default_rng(seed), extent, local_mm=local_mm)
             pair = known_transform_pair(image, params, crop=0.75, seed=seed)

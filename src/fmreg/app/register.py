@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fmreg import __version__
 from fmreg.app.common import DEFAULT_METHOD, Log, fmt_seconds, make_method, stderr_log
-from fmreg.app.profiling import PeakMemory
+from fmreg.app.profiling import PeakMemory, release_free_heap
 from fmreg.core.image import Image
 from fmreg.errors import FmregError, FmregWarning
 from fmreg.evaluate.scoring import default_label_spec, parse_label_spec, score
@@ -306,7 +306,9 @@ def register_into(
     names = output_names(case)
     method_name = getattr(method, "name", type(method).__name__)
     result, seconds, mem = _run_method(method, method_name, case, label_spec, log)
+    release_free_heap()  # each full-size step below would otherwise peak on top of the method's freed pages
     scored = _warp_and_score(case, result.field, label_spec, log)
+    release_free_heap()
     log("writing outputs …")
     files = _write_outputs(stage, names, case, method_name, result, scored)
     doc = _result_doc(case, method_name, params, result, seconds, mem, scored.metrics, files)

@@ -148,11 +148,19 @@ class Grid:
 
     def coordinates(self, frame: Frame | str = Frame.PHYSICAL, dtype=torch.float32) -> Tensor:
         """Positions of every voxel centre: ``(ndim, *shape)``, components x, y[, z]."""
-        axes = [torch.arange(s, dtype=torch.float64) for s in self.shape]
-        mesh = torch.meshgrid(*axes, indexing="ij")  # array order
-        index = torch.stack(list(reversed(mesh)), dim=-1)  # (*shape, ndim) x-first
-        pts = self.convert_points(index, Frame.VOXEL, frame)
-        return pts.movedim(-1, 0).to(dtype)
+        m = torch.as_tensor(self.frame_matrix(Frame.VOXEL, frame), dtype=torch.float64)
+        n = self.ndim
+        # Component by component from broadcast index vectors: a stacked float64 index array and
+        # its matrix product took ~0.4 GB for a 3000² grid, one float64 component takes 72 MB.
+        index = [torch.arange(s, dtype=torch.float64).reshape([-1 if a == k else 1 for a in range(n)])
+                 for k, s in enumerate(self.shape)]  # array axis k holds voxel component n-1-k
+        out = torch.empty((n, *self.shape), dtype=dtype)
+        for c in range(n):
+            comp = torch.full(self.shape, float(m[c, n]), dtype=torch.float64)
+            for k in range(n):
+                comp += m[c, n - 1 - k] * index[k]
+            out[c] = comp
+        return out
 
     # ------------------------------------------------------------------ derived grids
     def resized(self, shape: Sequence[int]) -> "Grid":

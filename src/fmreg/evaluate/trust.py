@@ -35,6 +35,8 @@ MAX_OUTSIDE_FRACTION = 0.5
 MIN_IMAGE_GAIN = 0.01
 #: Image terms below this at the start are images that agree already: no gain is expected.
 _AGREEING_TERM = 1e-6
+#: Voxels per slab of :func:`_outside_fraction`.
+SLAB_VOXELS = 1 << 20
 
 
 def _fit_warnings(fit_report: dict[str, Any] | None) -> list[str]:
@@ -53,12 +55,17 @@ def _fit_warnings(fit_report: dict[str, Any] | None) -> list[str]:
 
 def _outside_fraction(field: DisplacementField, moving_grid: Grid) -> float:
     """Fraction of the fixed voxels whose mapped point lies outside the moving image (beyond half a voxel)."""
-    points = field.mapped_points(Frame.PHYSICAL).movedim(0, -1).double()
-    index = moving_grid.convert_points(points, Frame.PHYSICAL, Frame.VOXEL)
+    points = field.mapped_points(Frame.PHYSICAL)
     # VOXEL components are x, y[, z]: reverse the array-order shape to match them.
-    upper = torch.tensor(moving_grid.shape[::-1], dtype=index.dtype) - 0.5
-    inside = ((index >= -0.5) & (index <= upper)).all(dim=-1)
-    return float(1.0 - inside.double().mean())
+    upper = torch.tensor(moving_grid.shape[::-1], dtype=torch.float64) - 0.5
+    rows = max(1, SLAB_VOXELS // max(1, points[0].numel() // points.shape[1]))
+    inside = 0
+    # In slabs of rows: float64 indices of a whole 3000² field would take 0.3 GB at once.
+    for a in range(0, points.shape[1], rows):
+        slab = points[:, a : a + rows].movedim(0, -1).double()
+        index = moving_grid.convert_points(slab, Frame.PHYSICAL, Frame.VOXEL)
+        inside += int(((index >= -0.5) & (index <= upper)).all(dim=-1).sum())
+    return 1.0 - inside / points[0].numel()
 
 
 def _field_warnings(field: DisplacementField, jacobian: Tensor, moving_grid: Grid | None) -> list[str]:

@@ -45,3 +45,13 @@ def test_resize_keeps_corner_voxels_and_area_averages():
     y = torch.arange(16.0).reshape(1, 4, 4)
     assert_close(resize(y, (2, 2), mode="area"), torch.tensor([[[2.5, 4.5], [10.5, 12.5]]]))
     assert resize(y, (4, 4)) is y
+
+
+def test_percentile_window_above_the_minimum_ignores_a_padding_frame():
+    values = torch.arange(1.0, 101.0)
+    framed = torch.cat([torch.zeros(30), values])  # a frame of 30 zeros around 1..100
+    # np.percentile of 1..100: 1 + 0.01·99 and 1 + 0.99·99.
+    assert percentile_window(framed, above_minimum=True) == (1.99, 99.01)
+    assert percentile_window(framed)[0] == 0.0  # the frame sets the plain window
+    assert percentile_window(torch.full((5,), 3.0), above_minimum=True) == (3.0, 3.0)  # constant: as before
+    assert_close(normalize(framed, above_minimum=True)[:30], torch.zeros(30))

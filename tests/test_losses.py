@@ -170,3 +170,17 @@ def test_mind_ssc_similarity_ignores_contrast_and_sees_a_shift(shape):
     shifted = torch.roll(x, 2, dims=-1)
     assert float(loss(shifted, x).total) > 1e-3
     assert set(loss(x, x).terms) == {"mind_ssc"}
+
+
+def test_weighted_mse_and_correlation_count_only_the_weighted_voxels():
+    fixed = torch.tensor([0.0, 1.0, 2.0, 5.0])
+    warped = torch.tensor([1.0, 1.0, 4.0, 0.0])
+    weight = torch.tensor([1.0, 1.0, 2.0, 0.0])
+    # (1·1 + 1·0 + 2·4) / (1 + 1 + 2)
+    assert_close(mse(fixed, warped, weight), torch.tensor(9.0 / 4.0))
+    assert_close(MSE(scale=10.0)(fixed, warped, weight).total, torch.tensor(22.5))
+    # Where the weight is 1 the images are a gain apart; the unweighted voxel would break it.
+    a, b = torch.tensor([1.0, 2.0, 3.0, 9.0]), torch.tensor([2.0, 4.0, 6.0, -9.0])
+    assert correlation(a, b, torch.tensor([1.0, 1.0, 1.0, 0.0])) == pytest.approx(1.0)
+    assert correlation(a, b) < 0.0
+    assert correlation(a, b, torch.ones(4)) == pytest.approx(correlation(a, b))

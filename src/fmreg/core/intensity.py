@@ -18,7 +18,8 @@ Array = TypeVar("Array", Tensor, np.ndarray)
 
 
 def percentile_window(
-    data: Tensor | np.ndarray, low: float = 1.0, high: float = 99.0, max_samples: int | None = None
+    data: Tensor | np.ndarray, low: float = 1.0, high: float = 99.0, max_samples: int | None = None,
+    above_minimum: bool = False,
 ) -> tuple[float, float]:
     """Robust intensity range: the ``low``-th and ``high``-th percentiles of the finite values.
 
@@ -27,6 +28,9 @@ def percentile_window(
         low, high: Percentiles in ``[0, 100]`` (linear interpolation between ranks).
         max_samples: Estimate from every ``n // max_samples``-th value (flattened order) when
             there are more values than this; None uses all.
+        above_minimum: Take the percentiles over the values above the image's minimum only, so
+            that a padding frame or a background at the minimum (present in one image of a
+            pair and not the other) does not set the window.
 
     Returns:
         ``(lo, hi)``. When the percentiles coincide (an image that is mostly background) the
@@ -40,19 +44,22 @@ def percentile_window(
     flat = flat[np.isfinite(flat)]
     if flat.size == 0:
         return 0.0, 0.0
+    if above_minimum and (flat > flat.min()).any():
+        flat = flat[flat > flat.min()]
     lo, hi = (float(v) for v in np.percentile(flat, (low, high)))
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
         lo, hi = float(flat.min()), float(flat.max())
     return lo, hi
 
 
-def normalize(data: Array, low: float = 1.0, high: float = 99.0, max_samples: int | None = None) -> Array:
+def normalize(data: Array, low: float = 1.0, high: float = 99.0, max_samples: int | None = None,
+              above_minimum: bool = False) -> Array:
     """Intensities mapped to ``[0, 1]`` by :func:`percentile_window`, clipped outside it.
 
     Returns:
         float32 array or tensor of ``data``'s shape and kind; all zeros for a constant image.
     """
-    lo, hi = percentile_window(data, low, high, max_samples)
+    lo, hi = percentile_window(data, low, high, max_samples, above_minimum)
     if isinstance(data, Tensor):
         x = data.to(torch.float32)
         if hi - lo <= 1e-12 * max(1.0, abs(hi)):

@@ -11,9 +11,12 @@ from torch import Tensor, nn
 from fmreg.losses.base import LossRecord
 
 
-def mse(fixed: Tensor, warped: Tensor) -> Tensor:
-    """Mean squared intensity difference (intensities normalised alike, e.g. to ``[0, 1]``)."""
-    return ((fixed - warped) ** 2).mean()
+def mse(fixed: Tensor, warped: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean squared intensity difference (intensities normalised alike, e.g. to ``[0, 1]``),
+    weighted by ``weight`` (same shape, non-negative) when given."""
+    if weight is None:
+        return ((fixed - warped) ** 2).mean()
+    return (weight * (fixed - warped) ** 2).sum() / weight.sum().clamp_min(1e-12)
 
 
 def lncc(a: Tensor, b: Tensor, window: Sequence[int], eps: float = 1e-3) -> Tensor:
@@ -77,10 +80,16 @@ def gaussian_lncc(a: Tensor, b: Tensor, sigma: float = 5.0, squared: bool = Fals
     return (cc * cc if squared else cc).mean()
 
 
-def correlation(a: Tensor, b: Tensor) -> float:
-    """Pearson correlation of two images of the same shape (0 when one is constant)."""
-    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
+def correlation(a: Tensor, b: Tensor, weight: Tensor | None = None) -> float:
+    """Pearson correlation of two images of the same shape (0 when one is constant), weighted by
+    ``weight`` (same shape, non-negative) when given."""
+    if weight is None:
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
+    w = weight.flatten() / weight.sum().clamp_min(1e-12)
+    a, b = a.flatten(), b.flatten()
+    a, b = a - (w * a).sum(), b - (w * b).sum()
+    return float((w * a * b).sum() / ((w * a * a).sum() * (w * b * b).sum()).sqrt().clamp_min(1e-12))
 
 
 class MSE(nn.Module):
@@ -90,8 +99,8 @@ class MSE(nn.Module):
         super().__init__()
         self.scale = scale
 
-    def forward(self, fixed: Tensor, warped: Tensor) -> LossRecord:
-        value = mse(fixed, warped) * self.scale
+    def forward(self, fixed: Tensor, warped: Tensor, weight: Tensor | None = None) -> LossRecord:
+        value = mse(fixed, warped, weight) * self.scale
         return LossRecord(value, {"mse": value})
 
 

@@ -91,7 +91,8 @@ class FitOptions:
             (:func:`fmreg.optimize.pyramid.antialias`); the finest optimised level is never
             smoothed.
         fine_min_correlation: The fine settings apply only when the correlation of the fixed
-            and the warped moving image, on the finest optimised level before it is fitted,
+            and the warped moving image (intensities as read, where the start maps the fixed
+            image into the moving one), on the finest optimised level before it is fitted,
             is at least this (None: always, with the image term on); the value is reported as
             ``fine_correlation``.
     """
@@ -228,7 +229,7 @@ def fit_field(
     fitter = Fitter(opt, fixed_grid, moving_grid, report, slice_axis=slice_axis, use_image=use_image)
     fitter.set_pairs(fixed_masks, moving_masks, _pair_weights(pair_weights, k))
     if use_image:
-        fitter.set_images(normalize(fixed_image, max_samples=200_000), normalize(moving_image, max_samples=200_000))
+        fitter.set_images(fit_intensities(fixed_image), fit_intensities(moving_image), (fixed_image, moving_image))
     if initial_affine is not None:
         fitter.start_from_affine(np.asarray(initial_affine, dtype=np.float64))
         report.initial_affine_mm = np.asarray(initial_affine).tolist()
@@ -241,6 +242,13 @@ def fit_field(
     transform = fitter.run(plan_stages(opt, fitter.grids, k, verify))
     with torch.no_grad():
         return transform.field(fixed_grid), report
+
+
+def fit_intensities(data: Tensor) -> Tensor:
+    """``(*shape)`` intensities in [0, 1] for the fit's image term: the 1st to 99th percentile
+    window of the values above the image's minimum (a padding frame in one image of a pair
+    would otherwise shift its window against the other's), clipped outside it."""
+    return normalize(data, max_samples=200_000, above_minimum=True)
 
 
 #: A start other than the usual one must leave the images at least this many times less
@@ -272,7 +280,7 @@ def choose_start(fixed: Image, moving: Image, candidate: np.ndarray, options: Fi
     if opt.initialize == "moments":
         usual = moments_affine(Image(fixed.data.float(), fixed.grid), Image(moving.data.float(), moving.grid))
     fitter = Fitter(opt, fixed.grid, moving.grid, FitReport(), slice_axis=None, use_image=True)
-    fitter.set_images(normalize(fixed.data, max_samples=200_000), normalize(moving.data, max_samples=200_000))
+    fitter.set_images(fit_intensities(fixed.data), fit_intensities(moving.data))
     starts = [candidate, np.eye(fixed.ndim + 1) if usual is None else usual]
     cand_term, usual_term = fitter.start_terms(starts, finest_level(opt, fitter.grids))
     terms = {"candidate": round(cand_term, 6), "usual": round(usual_term, 6)}

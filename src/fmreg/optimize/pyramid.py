@@ -83,6 +83,8 @@ class Level:
             None (no slice pairs, or a ROI on several slices of this level).
         slice_axis: The array axis of ``pair_slices``.
         fixed_image, moving_image: ``(*grid.shape)`` intensities, or None without image term.
+        overlap: ``(*grid.shape)`` weight in [0, 1] of each fixed voxel in the image term: where
+            the fit's start maps it into the moving field of view; None when that is everywhere.
     """
 
     grid: Grid
@@ -93,6 +95,7 @@ class Level:
     slice_axis: int | None = None
     fixed_image: Tensor | None = None
     moving_image: Tensor | None = None
+    overlap: Tensor | None = None
 
 
 def resample_masks(level: Level, fixed_masks: Tensor, moving_masks: Tensor, moving_grid: Grid,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fmreg.core.grid import Frame, Grid, mask_centroids
 from fmreg.core.intensity import match_histogram, resize
-from fmreg.core.sampling import sample_normalized, sample_vectors
+from fmreg.core.sampling import sample, sample_normalized, sample_vectors
 from fmreg.losses import LNCC, MSE, Diffusion, LossRecord, correlation, roi_pair_loss, soft_dice
 from fmreg.optimize.adam import Adam
 from fmreg.optimize.pyramid import Level, control_shape, level_grids, lncc_window, resample_images, resample_masks
@@ -102,6 +102,7 @@ class Fitter:
         self.affine = AffineTransform.identity(fixed_grid)
         self.k, self.weights = 0, torch.ones(0)
         self.fixed_masks = self.moving_masks = self.fixed_image = self.moving_image = None
+        self.raw_images: tuple[Tensor, Tensor] | None = None
         self.fine_detail: bool | None = None  # decided once, before the finest optimised level
         # Slice ROIs say nothing about through-plane motion; without images nothing else does,
         # so the velocity is kept in-plane (each slice integrated on its own) rather than left
@@ -119,11 +120,13 @@ class Fitter:
         self.fixed_masks, self.moving_masks, self.weights = fixed_masks, moving_masks, weights
         self.k = int(fixed_masks.shape[0])
 
-    def set_images(self, fixed: Tensor, moving: Tensor) -> None:
-        """Intensities normalised to [0, 1] (optionally histogram-matched)."""
+    def set_images(self, fixed: Tensor, moving: Tensor, raw: tuple[Tensor, Tensor] | None = None) -> None:
+        """Intensities normalised to [0, 1] (optionally histogram-matched), and the images as
+        read (``raw``, for the fine-detail decision; None: the normalised ones)."""
         if self.opt.match_histogram:
             moving = match_histogram(moving, fixed)
         self.fixed_image, self.moving_image = fixed, moving
+        self.raw_images = raw
 
     def start_from_affine(self, homogeneous: np.ndarray) -> None:
         """Start from a physical fixed → moving affine (``(ndim+1, ndim+1)``, mm)."""
@@ -171,6 +174,10 @@ class Fitter:
         physical fixed → moving affine (``(ndim+1, ndim+1)``, mm) with no deformation; the
         fitter's own affine is kept."""
         level, kept = self._image_level(level_index), self.affine
+        if level is not None:
+            # Every start on the whole fixed image: a weight per start would favour a start that
+            # maps much of the fixed image out of the moving one.
+            level.overlap = None
         try:
             out = []
             for h in affines:
@@ -186,7 +193,22 @@ class Fitter:
             return None
         level = Level(self.grids[level_index])
         resample_images(level, self.fixed_image, self.fixed_grid, self.moving_image, self.moving_grid, 0.0)
+        level.overlap = self._overlap(level.grid)
         return level
+
+    def _overlap(self, grid: Grid) -> Tensor | None:
+        """Weight of each voxel of ``grid`` in the image term: 1 where the start affine maps it
+        into the moving field of view, 0 beyond (linear in between); None when that is everywhere.
+
+        Fixed anatomy that the moving image never showed has nothing to match, and continuing the
+        moving border there bends the field towards it. The weight is fixed before the fit, so
+        the deformation cannot lower the term by mapping voxels out of the overlap.
+        """
+        support = sample(torch.ones(self.moving_grid.shape), self.moving_grid, grid.coordinates(Frame.PHYSICAL), fill=0.0)
+        with torch.no_grad():
+            points = self.transform(None, grid).normalized_points(grid.shape)
+            weight = _warp(support[None], points)[0]
+        return None if bool((weight >= 1.0 - 1e-6).all()) else weight
 
     def _image_term(self, level: Level | None) -> float | None:
         """The image dissimilarity (MSE, or 1 − LNCC) under the current transform on ``level``,
@@ -200,7 +222,10 @@ class Fitter:
         metric = MSE() if self.opt.image_metric == "mse" else LNCC(lncc_window(level.grid, self.opt.lncc_window_mm))
         with torch.no_grad():
             points = self.transform(self.velocity, self.fixed_grid).normalized_points(level.grid.shape)
-            return float(metric(level.fixed_image, _warp_image(level, points)).total)
+            warped = _warp_image(level, points)
+            if isinstance(metric, MSE):
+                return float(metric(level.fixed_image, warped, level.overlap).total)
+            return float(metric(level.fixed_image, warped).total)
 
     def _level(self, stage: Stage) -> Level:
         level = Level(self.grids[stage.level])
@@ -209,6 +234,7 @@ class Fitter:
         if self.use_image:
             sigma = 0.0 if stage.finest else self.opt.pyramid_sigma  # the finest level keeps every detail
             resample_images(level, self.fixed_image, self.fixed_grid, self.moving_image, self.moving_grid, sigma)
+            level.overlap = self._overlap(level.grid)
         return level
 
     def _decide_fine_detail(self, level: Level) -> None:
@@ -220,11 +246,22 @@ class Fitter:
         if self.use_image and opt.fine_min_correlation is not None:
             with torch.no_grad():
                 loc = self.transform(self.velocity, self.fixed_grid).normalized_points(level.grid.shape)
-                corr = correlation(level.fixed_image, _warp_image(level, loc))
+                corr = self._raw_correlation(level, loc)
             self.fine_detail = corr >= opt.fine_min_correlation
             self.report.fine_correlation = round(corr, 4)
             log.info("fit: image correlation %.3f before the finest level: fine settings %s", corr,
                      "on" if self.fine_detail else "off")
+
+    def _raw_correlation(self, level: Level, points: Tensor) -> float:
+        """Correlation of the fixed and the warped moving image as read (no intensity window: a
+        correlation is blind to linear rescaling, and clipping would make it depend on the
+        windows), over the start's overlap, on ``level`` under ``(1, *shape, ndim)`` points."""
+        if self.raw_images is None:
+            return correlation(level.fixed_image, _warp_image(level, points), level.overlap)
+        raw = Level(level.grid)
+        fixed, moving = (im.float() for im in self.raw_images)
+        resample_images(raw, fixed, self.fixed_grid, moving, self.moving_grid, 0.0)
+        return correlation(raw.fixed_image, _warp_image(raw, points), level.overlap)
 
     def _settings(self, stage: Stage, grid: Grid) -> tuple[float, float]:
         """Control spacing (mm) and image weight of ``stage``."""
@@ -361,7 +398,8 @@ class Fitter:
                 if centroid is not None:
                     record = record + centroid(points)
             if self.use_image:
-                term = image(level.fixed_image, _warp_image(level, points))
+                warped = _warp_image(level, points)
+                term = image(level.fixed_image, warped, level.overlap) if isinstance(image, MSE) else image(level.fixed_image, warped)
                 record = LossRecord(record.total + image_weight * term.total, {**record.terms, **term.terms})
             return record
 

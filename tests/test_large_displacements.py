@@ -75,8 +75,8 @@ def test_target_registration_error_of_the_truth_is_zero_and_of_the_identity_its_
 # ---------------------------------------------------------------------------- SAMReg
 @pytest.mark.slow
 def test_samreg_brings_most_large_similarities_within_2_px():
-    """Two pairs per texture (seeds 1 and 2). Measured: 7 of 8 under 2 px, median 1.3 px, from
-    31-59 px at the identity; aerial seed 1 ends at 16 px (its ROI consensus is 6° off, and on
+    """Two pairs per texture (seeds 1 and 2). Measured: 7 of 8 under 2 px, median 1.0 px, from
+    31-59 px at the identity; aerial seed 1 ends at 8 px (its ROI consensus is 6° off, and on
     that repetitive texture the consensus score prefers the wrong angle). Before the consensus
     refinement and the border-padded image term, 3 of 8 (docs/benchmarks.md)."""
     errors = {}

@@ -157,3 +157,22 @@ def test_agreement_under_a_given_map_pairs_the_regions_it_overlaps():
     assert sorted(zip(still.fixed_index.tolist(), still.moving_index.tolist())) == [(0, 0), (1, 1), (2, 2)]
     np.testing.assert_allclose(still.agreement, 1.0, atol=1e-9)
     np.testing.assert_array_equal(still.matrix, np.eye(3))
+
+
+def test_two_point_hypotheses_skip_coincident_points_without_a_warning():
+    import warnings
+
+    from fmreg.correspond.consensus import _two_point_hypotheses
+
+    zf = np.array([3 + 4j, 3 + 4j, 3 + 4j])  # every fixed candidate at one centroid: spread 0
+    zm = np.array([1 + 1j, 2 + 2j, 5 + 0j])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hyps = _two_point_hypotheses(zf, zm, np.ones(3), 50, 0.0, np.random.default_rng(0))
+    assert hyps.shape == (0, 3, 3)
+    # Two distinct points give the exact similarity through them: z_m = a z_f + b.
+    hyps = _two_point_hypotheses(np.array([0j, 10 + 0j]), np.array([1 + 1j, 1 + 21j]), np.ones(2), 20, 1.0,
+                                 np.random.default_rng(0))
+    assert len(hyps) > 0
+    np.testing.assert_allclose(hyps[0][:2, :2], [[0.0, -2.0], [2.0, 0.0]], atol=1e-12)
+    np.testing.assert_allclose(hyps[0][:2, 2], [1.0, 1.0], atol=1e-12)

@@ -182,7 +182,9 @@ def _two_point_hypotheses(zf: np.ndarray, zm: np.ndarray, weights: np.ndarray, c
     p = weights / weights.sum()
     i, j = rng.choice(n, count, p=p), rng.choice(n, count, p=p)
     dz = zf[i] - zf[j]
-    ok = np.abs(dz) >= min_separation
+    # Strictly apart as well: with every candidate at one centroid the spread, and so
+    # min_separation, is 0, and a pair of coincident points defines no similarity.
+    ok = (np.abs(dz) >= min_separation) & (np.abs(dz) > 0)
     i, j, dz = i[ok], j[ok], dz[ok]
     a = (zm[i] - zm[j]) / dz
     ok = (np.abs(a) >= 1 / MAX_SCALE) & (np.abs(a) <= MAX_SCALE)

@@ -117,3 +117,31 @@ def test_mask_guided_takes_the_roi_pairs_that_agree_with_the_global_move():
     matched = MaskGuidedMethod(pair_source="matched")._pairs(kp.fixed, kp.moving, None, None)
     assert consensus and {p.source for p in consensus} == {"consensus"}
     assert matched and {p.source for p in matched} == {"match"}
+
+
+@pytest.mark.slow
+def test_samreg_recovers_a_3d_similarity_of_a_brain_volume():
+    """``brain3d`` at 4 mm, the fixed image the volume under a rotation of 10° about the first
+    array axis, scale 1.04 and a (8, -6, 5) mm shift. Measured: 0.93 mm mean over the brain
+    (identity 14.5 mm); 2.95 mm before the start was refined on the images (the moments start
+    has no rotation)."""
+    from fmreg.core.grid import Frame
+    from fmreg.core.sampling import sample
+
+    path = SHARED / "brain3d" / "test_scan.npz"
+    if not path.exists():
+        pytest.skip(f"{path} is not here (the shared data sits beside the repository)")
+    vol = torch.from_numpy(np.load(path)["vol"].astype(np.float32))[::4, ::4, ::4].contiguous()
+    grid = Grid(tuple(vol.shape), (4.0, 4.0, 4.0))
+    t = np.deg2rad(10.0)
+    rot = 1.04 * np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
+    centre = np.array([(n - 1) * 2.0 for n in reversed(vol.shape)])  # x, y, z in mm
+    x = grid.coordinates(Frame.PHYSICAL).double()
+    truth = torch.einsum("ij,j...->i...", torch.from_numpy(rot), x - torch.from_numpy(centre).reshape(3, 1, 1, 1))
+    truth = truth + torch.from_numpy(centre + [8.0, -6.0, 5.0]).reshape(3, 1, 1, 1)  # T(x), mm
+    fixed = Image(sample(vol, grid, truth.float(), fill=0.0), grid)
+    field = get_method("samreg").register(fixed, Image(vol, grid)).field
+    error = (x + field.to(Frame.PHYSICAL).data.double() - truth).norm(dim=0)[fixed.data > 0.1]
+    identity = (x - truth).norm(dim=0)[fixed.data > 0.1]
+    assert float(identity.mean()) > 10.0
+    assert float(error.mean()) < 1.5, float(error.mean())

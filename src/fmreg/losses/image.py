@@ -16,6 +16,7 @@ def mse(fixed: Tensor, warped: Tensor, weight: Tensor | None = None) -> Tensor:
     weighted by ``weight`` (same shape, non-negative) when given."""
     if weight is None:
         return ((fixed - warped) ** 2).mean()
+    weight = weight.expand_as(fixed)  # a spatial weight serves every channel of a descriptor stack
     return (weight * (fixed - warped) ** 2).sum() / weight.sum().clamp_min(1e-12)
 
 

@@ -57,8 +57,9 @@ class FitOptions:
             because the classical backend's ROIs are not reliable enough to outweigh the images.
         image_weight: Weight of the image term (0 turns the hybrid off).
         image_metric: ``"mse"`` (intensities normalised to [0, 1] by robust percentiles;
-            same-modality pairs) or ``"lncc"`` (local normalised cross-correlation: any
-            monotone intensity relation).
+            same-modality pairs), ``"lncc"`` (local normalised cross-correlation: any
+            monotone intensity relation) or ``"mind"`` (MSE of MIND-SSC descriptors computed
+            on each level: local structure, whatever the contrasts; every stage then uses it).
         centroid_weight: Weight of a sparse term pulling ``T(fixed ROI centroid)`` onto the
             moving ROI centroid (squared distance in units of 10 mm).
         lncc_window_mm: LNCC window edge in mm (per axis at least 3 voxels).
@@ -136,8 +137,8 @@ class FitOptions:
     def check(self) -> None:
         """Raise :class:`FmregError` for option values the fit cannot use."""
         for name, value in (("image_metric", self.image_metric), ("affine_metric", self.affine_metric or self.image_metric)):
-            if value not in ("lncc", "mse"):
-                raise FmregError(f"unknown {name} '{value}': choose lncc or mse")
+            if value not in ("lncc", "mse", "mind"):
+                raise FmregError(f"unknown {name} '{value}': choose lncc, mse or mind")
         if self.initialize not in ("moments", "identity"):
             raise FmregError(f"unknown initialize '{self.initialize}': choose moments or identity")
 

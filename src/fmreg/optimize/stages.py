@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fmreg.core.descriptors import mind_ssc
 from fmreg.core.grid import Frame, Grid, mask_centroids
 from fmreg.core.intensity import match_histogram, resize
 from fmreg.core.sampling import sample, sample_normalized, sample_vectors
@@ -73,7 +74,10 @@ def _warp_image(level: Level, points: Tensor) -> Tensor:
     the moving field of view cut off is pulled towards the edge, and a pair whose fields of view
     differ is bent to match them.
     """
-    return sample_normalized(level.moving_image[None, None], points, padding="border")[0, 0]
+    image = level.moving_image
+    if image.dim() > level.grid.ndim:  # a descriptor stack (C, *shape)
+        return sample_normalized(image[None], points, padding="border")[0]
+    return sample_normalized(image[None, None], points, padding="border")[0, 0]
 
 
 def _centroids_normalized(masks: Tensor, grid: Grid) -> Tensor:
@@ -192,9 +196,17 @@ class Fitter:
         if not self.use_image:
             return None
         level = Level(self.grids[level_index])
-        resample_images(level, self.fixed_image, self.fixed_grid, self.moving_image, self.moving_grid, 0.0)
-        level.overlap = self._overlap(level.grid)
+        self._put_images(level, 0.0)
         return level
+
+    def _put_images(self, level: Level, sigma: float) -> None:
+        """Both images on ``level`` (anti-aliased by ``sigma`` level voxels), as MIND-SSC
+        descriptor stacks ``(C, *shape)`` with the ``"mind"`` metric, and the overlap weight."""
+        resample_images(level, self.fixed_image, self.fixed_grid, self.moving_image, self.moving_grid, sigma)
+        if self.opt.image_metric == "mind":
+            level.fixed_image = mind_ssc(level.fixed_image[None, None])[0]
+            level.moving_image = mind_ssc(level.moving_image[None, None])[0]
+        level.overlap = self._overlap(level.grid)
 
     def _overlap(self, grid: Grid) -> Tensor | None:
         """Weight of each voxel of ``grid`` in the image term: 1 where the start affine maps it
@@ -219,7 +231,7 @@ class Fitter:
         """
         if level is None:
             return None
-        metric = MSE() if self.opt.image_metric == "mse" else LNCC(lncc_window(level.grid, self.opt.lncc_window_mm))
+        metric = LNCC(lncc_window(level.grid, self.opt.lncc_window_mm)) if self.opt.image_metric == "lncc" else MSE()
         with torch.no_grad():
             points = self.transform(self.velocity, self.fixed_grid).normalized_points(level.grid.shape)
             warped = _warp_image(level, points)
@@ -233,8 +245,7 @@ class Fitter:
             resample_masks(level, self.fixed_masks, self.moving_masks, self.moving_grid, self.slice_axis)
         if self.use_image:
             sigma = 0.0 if stage.finest else self.opt.pyramid_sigma  # the finest level keeps every detail
-            resample_images(level, self.fixed_image, self.fixed_grid, self.moving_image, self.moving_grid, sigma)
-            level.overlap = self._overlap(level.grid)
+            self._put_images(level, sigma)
         return level
 
     def _decide_fine_detail(self, level: Level) -> None:
@@ -385,8 +396,10 @@ class Fitter:
         reg = Diffusion(ctrl_grid.spacing_array, opt.reg_weight)
         if self.use_image:
             metric = (opt.affine_metric or opt.image_metric) if stage.affine else opt.image_metric
+            if opt.image_metric == "mind":
+                metric = "mind"  # the level holds descriptor stacks: every stage compares them
             # MSE ×10: about the scale of 1 − LNCC.
-            image = MSE(scale=10.0) if metric == "mse" else LNCC(lncc_window(level.grid, opt.lncc_window_mm))
+            image = LNCC(lncc_window(level.grid, opt.lncc_window_mm)) if metric == "lncc" else MSE(scale=10.0)
         centroid = self._centroid_term(level) if self.k and opt.centroid_weight > 0 and stage.roi else None
 
         def loss(v: Tensor, points: Tensor) -> LossRecord:

@@ -519,11 +519,11 @@ def test_the_image_term_continues_the_moving_border_beyond_its_field_of_view():
     assert identity_term > 1e-3
 
 
-def _texture(shape: tuple[int, int], seed: int) -> torch.Tensor:
-    """Smooth random texture in [0.2, 0.8]."""
+def _texture(shape: tuple[int, int], seed: int, sigma: float = 2.0) -> torch.Tensor:
+    """Smooth random texture in [0.2, 0.8] (Gaussian-filtered noise, ``sigma`` px)."""
     from scipy.ndimage import gaussian_filter
 
-    t = torch.from_numpy(gaussian_filter(torch.rand(shape, generator=torch.Generator().manual_seed(seed)).numpy(), 2.0))
+    t = torch.from_numpy(gaussian_filter(torch.rand(shape, generator=torch.Generator().manual_seed(seed)).numpy(), sigma))
     return (0.2 + 0.6 * (t - t.min()) / (t.max() - t.min())).float()
 
 
@@ -622,3 +622,22 @@ def test_the_mind_image_term_registers_an_inverted_contrast():
         u, _ = fit_field(grid, _empty(grid), _empty(grid), grid, opt, fixed, moving)
         errors[metric] = float((u.data - torch.tensor([2.0, -1.0]).reshape(2, 1, 1))[:, 12:-12, 12:-12].norm(dim=0).median())
     assert errors["mind"] < 0.3 < 1.0 < errors["mse"], errors
+
+
+def test_with_mind_the_start_choice_finds_the_move_of_an_inverted_contrast():
+    from fmreg.optimize.fit import choose_start
+
+    grid = Grid((96, 96), (1.0, 1.0))
+    # Structures of several pixels, as in images: starts are compared on the coarsest level (8 px).
+    texture = _texture((128, 128), seed=6, sigma=6.0)
+    fixed = Image(texture[16:112, 16:112], grid)
+    moving = Image(1.0 - texture[10:106, 25:121], grid)  # moving(p + (-9, 6)) = 1 - fixed(p)
+    right = np.eye(3)
+    right[:2, 2] = [-9.0, 6.0]
+    wrong = np.eye(3)
+    wrong[:2, 2] = [9.0, -6.0]
+    opt = FitOptions(initialize="identity", image_metric="mind")
+    assert choose_start(fixed, moving, right, opt).name == "candidate"
+    assert choose_start(fixed, moving, wrong, opt).name == "usual"
+    # MSE on the intensities cannot tell: the inverted contrast disagrees under every start.
+    assert choose_start(fixed, moving, right, FitOptions(initialize="identity")).name == "usual"

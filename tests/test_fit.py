@@ -640,4 +640,25 @@ def test_with_mind_the_start_choice_finds_the_move_of_an_inverted_contrast():
     assert choose_start(fixed, moving, right, opt).name == "candidate"
     assert choose_start(fixed, moving, wrong, opt).name == "usual"
     # MSE on the intensities cannot tell: the inverted contrast disagrees under every start.
-    assert choose_start(fixed, moving, right, FitOptions(initialize="identity")).name == "usual"
+    assert choose_start(fixed, moving, right, FitOptions(initialize="identity", image_metric="mse")).name == "usual"
+    # The default (auto) sees the anti-correlation and compares descriptors.
+    assert choose_start(fixed, moving, right, FitOptions(initialize="identity")).name == "candidate"
+
+
+def test_auto_takes_mind_for_an_inverted_contrast_and_mse_otherwise():
+    from fmreg.optimize.fit import resolve_image_metric
+
+    grid = Grid((96, 96), (1.0, 1.0))
+    texture = _texture((112, 112), seed=5)
+    fixed, moving = texture[8:104, 8:104], texture[9:105, 6:102]  # moving(p + (2, -1)) = fixed(p)
+    for image, metric in ((moving, "mse"), (1.0 - moving, "mind")):
+        u, report = fit_field(grid, _empty(grid), _empty(grid), grid, FitOptions(initialize="identity"), fixed, image)
+        assert report.image_term["metric"] == metric
+        assert (report.start_correlation < 0) == (metric == "mind")
+        err = (u.data - torch.tensor([2.0, -1.0]).reshape(2, 1, 1))[:, 12:-12, 12:-12].norm(dim=0).median()
+        assert float(err) < 0.3, (metric, float(err))
+    opt, r = resolve_image_metric(Image(fixed, grid), Image(1.0 - moving, grid), None, FitOptions(initialize="identity"))
+    assert opt.image_metric == "mind" and r < -0.5
+    # A concrete metric is kept as given, without looking at the images.
+    assert resolve_image_metric(Image(fixed, grid), Image(1.0 - moving, grid), None, FitOptions(image_metric="mse")) \
+        == (FitOptions(image_metric="mse"), None)

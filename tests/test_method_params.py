@@ -86,7 +86,7 @@ def test_unknown_parameter_of_identity_and_a_near_miss(pair, tmp_path, capsys):
         ("samreg", "iterations=[5, -1, 5, 5]", "parameter iterations must be >= 0 for each value, got [5, -1, 5, 5]"
          " - Adam steps per level, coarsest first (one value, or one per level)"),
         ("samreg", "matching=best", "unknown matching 'best': choose one of greedy, optimal, one_to_many"),
-        ("samreg", "image_metric=ssd", "unknown image_metric 'ssd': choose one of mse, lncc, mind"),
+        ("samreg", "image_metric=ssd", "unknown image_metric 'ssd': choose one of auto, mse, lncc, mind"),
         ("samreg-sam", "sam_points_per_side=0",
          "parameter sam_points_per_side must be >= 1, got 0 - prompts per side of SAM's point grid"),
         ("demons", "field_sigma=-1", "parameter field_sigma must be >= 0, got -1 - "

@@ -50,7 +50,7 @@ FIT_PARAMS = declare(FitOptions, {
     "mse_weight": (">= 0", "weight of the ROI MSE term"),
     "dice_weight": (">= 0", "weight of the ROI Dice term"),
     "image_weight": (">= 0", "weight of the image term (0: ROI pairs only)"),
-    "image_metric": (("mse", "lncc", "mind"), "image term: mse (same modality), lncc (local correlation) or mind (MSE of MIND-SSC descriptors: any contrast)"),
+    "image_metric": (("auto", "mse", "lncc", "mind"), "image term: mse (one contrast), lncc (local correlation), mind (MSE of MIND-SSC descriptors: any contrast), auto (mind when the images anti-correlate under the start, else mse)"),
     "centroid_weight": (">= 0", "weight of the ROI centroid term"),
     "lncc_window_mm": ("> 0", "LNCC window edge, mm"),
     "squaring_steps": (">= 0", "most scaling-and-squaring steps (fewer for a small velocity)"),

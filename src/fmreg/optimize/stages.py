@@ -263,6 +263,14 @@ class Fitter:
             log.info("fit: image correlation %.3f before the finest level: fine settings %s", corr,
                      "on" if self.fine_detail else "off")
 
+    def start_correlation(self) -> float:
+        """The images' correlation as read (:meth:`_raw_correlation`) under the current affine,
+        with no deformation, on the coarsest level."""
+        level = self._image_level(0)
+        with torch.no_grad():
+            points = self.transform(None, level.grid).normalized_points(level.grid.shape)
+        return self._raw_correlation(level, points)
+
     def _raw_correlation(self, level: Level, points: Tensor) -> float:
         """Correlation of the fixed and the warped moving image as read (no intensity window: a
         correlation is blind to linear rescaling, and clipping would make it depend on the

@@ -37,7 +37,7 @@ from fmreg.errors import FmregError
 from fmreg.methods.base import Extra, RegistrationResult, add_method
 from fmreg.methods.params import check_params, declare, with_defaults
 from fmreg.methods.samreg_params import FIT_PARAMS, MEDSAM_BACKEND_PARAMS, ROI_PARAMS, SAM_BACKEND_PARAMS
-from fmreg.optimize.fit import FitOptions, choose_start, fit_field, refine_start
+from fmreg.optimize.fit import FitOptions, choose_start, fit_field, refine_start, resolve_image_metric
 from fmreg.optimize.pyramid import working_image
 from fmreg.segment.base import Encoder, Segmenter
 from fmreg.segment.filtering import MIN_SCORE, MIN_STABILITY
@@ -137,13 +137,15 @@ def _fit_from_best_start(fixed: Image, moving: Image, found: Correspondences, fi
     if opt.image_weight <= 0:
         u, report = fit_pairs(fixed, moving, found.global_pairs, opt, found.global_affine)
         return found.global_pairs, u, _with_consensus(report, found, "consensus", None)
+    # Once for the whole pair: the start choice, its refinement and the fit then use one metric.
+    opt, correlation = resolve_image_metric(fixed, moving, found.global_affine, opt)
     choice = refine_start(fixed, moving, choose_start(fixed, moving, found.global_affine, opt), opt)
-    if choice.name == "candidate":
-        u, report = fit_pairs(fixed, moving, found.global_pairs, opt, choice.affine)
-        return found.global_pairs, u, _with_consensus(report, found, "consensus", choice.terms)
+    pairs, name = (found.global_pairs, "consensus") if choice.name == "candidate" else (found.local_pairs, "usual")
     # choose_start already found the moments start, when there is one; the fit need not redo it.
-    u, report = fit_pairs(fixed, moving, found.local_pairs, opt, choice.affine)
-    return found.local_pairs, u, _with_consensus(report, found, "usual", choice.terms)
+    u, report = fit_pairs(fixed, moving, pairs, opt, choice.affine)
+    if correlation is not None:
+        report["start_correlation"] = correlation
+    return pairs, u, _with_consensus(report, found, name, choice.terms)
 
 
 def _with_consensus(report: dict, found: Correspondences, start: str | None, ends: dict | None) -> dict:

@@ -277,3 +277,22 @@ def test_working_image_keeps_the_slices_of_a_stack_and_the_field_of_view():
     assert_close(lo, grid.coordinates(Frame.PHYSICAL)[:, 0, 0, 0])
     assert_close(hi, grid.coordinates(Frame.PHYSICAL)[:, -1, -1, -1])
     assert working_image(image, 900, axis=0) is image
+
+
+def test_working_image_keeps_a_voxel_budget_on_the_axes_it_may_shrink():
+    import math
+
+    from fmreg.optimize.pyramid import working_image
+
+    brain = Image(torch.rand(160, 192, 224), Grid((160, 192, 224), (1.0, 1.0, 1.0)))
+    small = working_image(brain, 512, axis=0, max_voxels=1 << 20)
+    assert 0.95 * (1 << 20) < math.prod(small.grid.shape) <= 1 << 20
+    sp = small.grid.spacing
+    assert max(sp) / min(sp) < 1.02 and sp[0] > 1.8  # one factor on every axis
+    # A 10 mm stack keeps its slices and shrinks in plane only; under the budget nothing changes.
+    stack = Image(torch.rand(7, 416, 512), Grid((7, 416, 512), (1.0, 1.0, 10.0)))
+    small = working_image(stack, 512, axis=0, max_voxels=1 << 20)
+    assert small.grid.shape[0] == 7 and math.prod(small.grid.shape) <= 1 << 20
+    assert small.grid.spacing[0] == pytest.approx(small.grid.spacing[1], rel=0.01)
+    acdc = Image(torch.rand(7, 208, 256), Grid((7, 208, 256), (1.5625, 1.5625, 10.0)))
+    assert working_image(acdc, 512, axis=0, max_voxels=1 << 20) is acdc

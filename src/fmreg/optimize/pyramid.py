@@ -135,13 +135,16 @@ def lncc_window(grid: Grid, window_mm: float) -> list[int]:
     return [max(3, int(round(window_mm / sp)) | 1) for sp in grid.spacing_array]
 
 
-def working_image(image: "Image", max_side: int, axis: int | None = None) -> "Image":
-    """``image`` resampled (anti-aliased) so that no in-plane side exceeds ``max_side`` voxels.
+def working_image(image: "Image", max_side: int, axis: int | None = None, max_voxels: int | None = None) -> "Image":
+    """``image`` resampled (anti-aliased) so that no in-plane side exceeds ``max_side`` voxels
+    and, with ``max_voxels``, the whole grid holds at most that many.
 
     Args:
         image: A 2D or 3D image.
         max_side: Largest in-plane side kept.
-        axis: 3D: the through-plane array axis, never resampled (None for 2D).
+        axis: 3D: the through-plane array axis, resampled only for the voxel budget and only
+            when its spacing is at most twice the finest (a 10 mm cardiac stack keeps its slices).
+        max_voxels: Voxel budget (None: none); the axes that may shrink shrink by one factor.
 
     Returns:
         ``image`` itself when it is small enough, else a copy on ``image.grid.resized(...)`` (same
@@ -152,10 +155,28 @@ def working_image(image: "Image", max_side: int, axis: int | None = None) -> "Im
     shape = list(image.grid.shape)
     in_plane = [a for a in range(len(shape)) if a != axis]
     longest = max(shape[a] for a in in_plane)
-    if longest <= max_side:
+    if longest > max_side:
+        for a in in_plane:
+            shape[a] = max(2, int(round((shape[a] - 1) * (max_side - 1) / (longest - 1))) + 1)
+    if max_voxels is not None and math.prod(shape) > max_voxels:
+        spacing = image.grid.spacing_array
+        free = [a for a in range(len(shape)) if spacing[a] <= 2 * min(spacing) and shape[a] > 2]
+        fixed_count = math.prod(shape[a] for a in range(len(shape)) if a not in free)
+        factor = (max_voxels / fixed_count / math.prod(shape[a] for a in free)) ** (1 / max(1, len(free)))
+        start = list(shape)
+        while True:  # the end voxels stay, so a side shrinks a little less than the factor
+            shape = [_shrunk(n, factor) if a in free else n for a, n in enumerate(start)]
+            if math.prod(shape) <= max_voxels or factor < 1e-3:
+                break
+            factor *= 0.99
+    if shape == list(image.grid.shape):
         return image
-    for a in in_plane:
-        shape[a] = max(2, int(round((shape[a] - 1) * (max_side - 1) / (longest - 1))) + 1)
     grid = image.grid.resized(shape)
     data = antialias(image.data.float(), image.grid, grid, 0.5)
     return Image(resize(data[None], grid.shape)[0], grid)
+
+
+def _shrunk(n: int, factor: float) -> int:
+    """Voxels along an axis of ``n`` after scaling its spacing by about ``1 / factor`` (end voxels
+    kept; rounded down, so that a voxel budget holds)."""
+    return max(2, int(math.floor((n - 1) * factor)) + 1)

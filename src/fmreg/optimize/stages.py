@@ -299,11 +299,18 @@ class Fitter:
             loc = self.transform(velocity, level.grid).normalized_points(level.grid.shape)
             dice = soft_dice(*self._warped_rois(level, loc))
         keep = dice >= self.opt.verify_dice
-        self.report.kept_pairs = [int(i) for i in torch.nonzero(keep).flatten()]
-        weights = torch.where(keep, self.weights, torch.zeros_like(self.weights))
-        self.weights = weights / weights.sum().clamp_min(1e-6)
-        log.info("fit: %d of %d ROI pairs agree with the image fit (Dice >= %.2f)", int(keep.sum()), self.k,
+        kept = torch.nonzero(keep).flatten()
+        self.report.kept_pairs = [int(i) for i in kept]
+        log.info("fit: %d of %d ROI pairs agree with the image fit (Dice >= %.2f)", len(kept), self.k,
                  self.opt.verify_dice)
+        # Only the kept pairs go on: the dropped ones weigh nothing, but warping them each step
+        # cost most of a 3D fit (8 kept of 328 on a brain volume: 46 s of 56).
+        weights = self.weights[kept]
+        self.weights = weights / weights.sum().clamp_min(1e-6)
+        self.fixed_masks, self.moving_masks, self.k = self.fixed_masks[kept], self.moving_masks[kept], len(kept)
+        for name in ("fixed_masks", "moving_masks", "support", "pair_slices"):
+            if getattr(level, name) is not None:
+                setattr(level, name, getattr(level, name)[kept])
         return bool(keep.any())
 
     @staticmethod

@@ -224,7 +224,8 @@ class Fitter:
 
     def _image_term(self, level: Level | None) -> float | None:
         """The image dissimilarity (MSE, or 1 − LNCC) under the current transform on ``level``,
-        unweighted; None without the image term.
+        without the stage's weight (MSE over the start's overlap, as the fit sees it); None
+        without the image term.
 
         Measured on one level with fixed settings at both ends of the fit: the stages' own values
         come from different levels, smoothings and weights and do not compare.

@@ -662,3 +662,22 @@ def test_auto_takes_mind_for_an_inverted_contrast_and_mse_otherwise():
     # A concrete metric is kept as given, without looking at the images.
     assert resolve_image_metric(Image(fixed, grid), Image(1.0 - moving, grid), None, FitOptions(image_metric="mse")) \
         == (FitOptions(image_metric="mse"), None)
+
+
+def test_resample_masks_in_chunks_equals_all_at_once(monkeypatch):
+    import fmreg.optimize.pyramid as pyramid
+
+    grid = Grid((6, 20, 24), (1.5, 1.5, 8.0))
+    gen = torch.Generator().manual_seed(1)
+    fixed = torch.rand(5, *grid.shape, generator=gen) > 0.7
+    moving = torch.rand(5, *grid.shape, generator=gen) > 0.7
+    coarse = grid.resized((6, 10, 12))
+    levels = []
+    for chunk in (2, 64):
+        monkeypatch.setattr(pyramid, "MASK_CHUNK", chunk)
+        level = pyramid.Level(coarse)
+        pyramid.resample_masks(level, fixed, moving, grid, 0)
+        levels.append(level)
+    torch.testing.assert_close(levels[0].fixed_masks, levels[1].fixed_masks, rtol=0, atol=0)
+    torch.testing.assert_close(levels[0].moving_masks, levels[1].moving_masks, rtol=0, atol=0)
+    torch.testing.assert_close(levels[0].support, levels[1].support, rtol=0, atol=0)

@@ -98,6 +98,10 @@ class Level:
     overlap: Tensor | None = None
 
 
+#: ROI masks resampled together by :func:`resample_masks`.
+MASK_CHUNK = 16
+
+
 def resample_masks(level: Level, fixed_masks: Tensor, moving_masks: Tensor, moving_grid: Grid,
                    slice_axis: int | None) -> None:
     """Put the ROI masks of both images on ``level.grid`` (in place).
@@ -108,8 +112,13 @@ def resample_masks(level: Level, fixed_masks: Tensor, moving_masks: Tensor, movi
     """
     grid = level.grid
     pts = grid.coordinates(Frame.PHYSICAL)
-    fm = resize(fixed_masks.float(), grid.shape)
-    mm = sample(moving_masks.float(), moving_grid, pts, fill=0.0)
+    # A few masks at a time: float copies of a few hundred whole-grid masks took 2.6 GB at once
+    # (each mask is resampled on its own, so the result is the same).
+    step = MASK_CHUNK
+    fm = torch.cat([resize(fixed_masks[i : i + step].float(), grid.shape) for i in range(0, len(fixed_masks), step)]
+                   or [torch.zeros(0, *grid.shape)])
+    mm = torch.cat([sample(moving_masks[i : i + step].float(), moving_grid, pts, fill=0.0)
+                    for i in range(0, len(moving_masks), step)] or [torch.zeros(0, *grid.shape)])
     if slice_axis is not None:
         ax = slice_axis + 1
         mm = mm.amax(dim=ax, keepdim=True).expand_as(mm).contiguous()

@@ -99,7 +99,7 @@ MAX_WORKING_SIDE = 512
 #: Volumes of more voxels than this are registered on a resampled copy as well (every axis
 #: whose spacing is within twice the finest shrinks): ROI pairs hold a mask of the whole grid
 #: each, and a 1 mm brain volume (160×192×224) with a few hundred pairs took over 24 GB (now
-#: 4.5 GB). ACDC (256×208×7) and a 2 mm brain (80×96×112) stay as they are.
+#: 3.3 GB). ACDC (256×208×7) and a 2 mm brain (80×96×112) stay as they are.
 MAX_WORKING_VOXELS = 1 << 20
 
 

@@ -283,8 +283,8 @@ def resolve_image_metric(fixed: Image, moving: Image, start: np.ndarray | None, 
     of intensities assumes one contrast, and on a pair of inverted contrasts it deforms the image
     until the intensities agree (known-transform pairs: 84 px mean, worse than the identity's
     38). The start is found with the descriptors, which do not depend on the contrast: the
-    choice between ``start`` (a candidate, e.g. the ROI consensus; with ``chosen``, the start
-    already chosen) and the usual start. Measured under that start, the correlation was above
+    choice between ``start`` (a candidate, e.g. the ROI consensus) and the usual start, or with
+    ``chosen`` the start already chosen (None: the identity). Measured under that start, the correlation was above
     0.54 on every same-contrast pair of ``pairs.csv`` and the known-transform sets, and below
     −0.5 on every inverted one. Other metrics come back unchanged, with None.
     """
@@ -292,8 +292,10 @@ def resolve_image_metric(fixed: Image, moving: Image, start: np.ndarray | None, 
     if opt.image_metric != "auto":
         return opt, None
     mind = replace(opt, image_metric="mind")
-    if chosen or start is None:
-        where = start if start is not None else _usual_start(fixed, moving, mind)
+    if chosen:
+        where = start  # None: the identity
+    elif start is None:
+        where = _usual_start(fixed, moving, mind)
     else:
         where = choose_start(fixed, moving, start, mind).affine
     r = round(start_correlation(fixed, moving, where, opt), 4)

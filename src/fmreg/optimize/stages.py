@@ -80,6 +80,16 @@ def _warp_image(level: Level, points: Tensor) -> Tensor:
     return sample_normalized(image[None, None], points, padding="border")[0, 0]
 
 
+def _image_loss(metric: str, level: Level, lncc_window_mm: float, mse_scale: float = 1.0):
+    """``(warped) -> LossRecord`` against the level's fixed image: ``1 − LNCC``, or MSE (times
+    ``mse_scale``; intensities or descriptor stacks) over the level's overlap weight."""
+    if metric == "lncc":
+        lncc = LNCC(lncc_window(level.grid, lncc_window_mm))
+        return lambda warped: lncc(level.fixed_image, warped)
+    mse = MSE(scale=mse_scale)
+    return lambda warped: mse(level.fixed_image, warped, level.overlap)
+
+
 def _centroids_normalized(masks: Tensor, grid: Grid) -> Tensor:
     """``(K, ndim)`` float32 centroids of ``(K, *shape)`` soft masks, normalized frame (0 if empty)."""
     return torch.nan_to_num(mask_centroids(masks, grid, Frame.NORMALIZED), nan=0.0).float()
@@ -177,11 +187,9 @@ class Fitter:
         """The image term (see :meth:`_image_term`) on pyramid level ``level_index`` under each
         physical fixed → moving affine (``(ndim+1, ndim+1)``, mm) with no deformation; the
         fitter's own affine is kept."""
-        level, kept = self._image_level(level_index), self.affine
-        if level is not None:
-            # Every start on the whole fixed image: a weight per start would favour a start that
-            # maps much of the fixed image out of the moving one.
-            level.overlap = None
+        # Every start on the whole fixed image: a weight per start would favour a start that
+        # maps much of the fixed image out of the moving one.
+        level, kept = self._image_level(level_index, weighted=False), self.affine
         try:
             out = []
             for h in affines:
@@ -191,22 +199,23 @@ class Fitter:
         finally:
             self.affine = kept
 
-    def _image_level(self, level_index: int) -> Level | None:
+    def _image_level(self, level_index: int, weighted: bool = True) -> Level | None:
         """Both images on pyramid level ``level_index``, unsmoothed; None without the image term."""
         if not self.use_image:
             return None
         level = Level(self.grids[level_index])
-        self._put_images(level, 0.0)
+        self._put_images(level, 0.0, weighted)
         return level
 
-    def _put_images(self, level: Level, sigma: float) -> None:
+    def _put_images(self, level: Level, sigma: float, weighted: bool = True) -> None:
         """Both images on ``level`` (anti-aliased by ``sigma`` level voxels), as MIND-SSC
-        descriptor stacks ``(C, *shape)`` with the ``"mind"`` metric, and the overlap weight."""
+        descriptor stacks ``(C, *shape)`` with the ``"mind"`` metric, and (``weighted``) the
+        overlap weight."""
         resample_images(level, self.fixed_image, self.fixed_grid, self.moving_image, self.moving_grid, sigma)
         if self.opt.image_metric == "mind":
             level.fixed_image = mind_ssc(level.fixed_image[None, None])[0]
             level.moving_image = mind_ssc(level.moving_image[None, None])[0]
-        level.overlap = self._overlap(level.grid)
+        level.overlap = self._overlap(level.grid) if weighted else None
 
     def _overlap(self, grid: Grid) -> Tensor | None:
         """Weight of each voxel of ``grid`` in the image term: 1 where the start affine maps it
@@ -232,13 +241,10 @@ class Fitter:
         """
         if level is None:
             return None
-        metric = LNCC(lncc_window(level.grid, self.opt.lncc_window_mm)) if self.opt.image_metric == "lncc" else MSE()
+        compare = _image_loss(self.opt.image_metric, level, self.opt.lncc_window_mm)
         with torch.no_grad():
             points = self.transform(self.velocity, self.fixed_grid).normalized_points(level.grid.shape)
-            warped = _warp_image(level, points)
-            if isinstance(metric, MSE):
-                return float(metric(level.fixed_image, warped, level.overlap).total)
-            return float(metric(level.fixed_image, warped).total)
+            return float(compare(_warp_image(level, points)).total)
 
     def _level(self, stage: Stage) -> Level:
         level = Level(self.grids[stage.level])
@@ -415,7 +421,7 @@ class Fitter:
             if opt.image_metric == "mind":
                 metric = "mind"  # the level holds descriptor stacks: every stage compares them
             # MSE ×10: about the scale of 1 − LNCC.
-            image = LNCC(lncc_window(level.grid, opt.lncc_window_mm)) if metric == "lncc" else MSE(scale=10.0)
+            image = _image_loss(metric, level, opt.lncc_window_mm, mse_scale=10.0)
         centroid = self._centroid_term(level) if self.k and opt.centroid_weight > 0 and stage.roi else None
 
         def loss(v: Tensor, points: Tensor) -> LossRecord:
@@ -427,8 +433,7 @@ class Fitter:
                 if centroid is not None:
                     record = record + centroid(points)
             if self.use_image:
-                warped = _warp_image(level, points)
-                term = image(level.fixed_image, warped, level.overlap) if isinstance(image, MSE) else image(level.fixed_image, warped)
+                term = image(_warp_image(level, points))
                 record = LossRecord(record.total + image_weight * term.total, {**record.terms, **term.terms})
             return record
 

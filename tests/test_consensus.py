@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fmreg.core.grid import Frame, Grid
-from fmreg.correspond.consensus import (RegionMoments, _nearest_partners, _weighted_similarity, agreement,
+from fmreg.correspond.consensus import (RegionMoments, _nearest_partners, fit_similarity, agreement,
                                         consensus_similarity, region_moments, to_physical)
 
 
@@ -65,7 +65,7 @@ def test_a_region_cut_differently_does_not_pull_the_transform():
     truth = _similarity(-9.0, 1.08, (10.0, 25.0))
     moving = _moved(fixed, truth)
     moving.centroids[8] += (12.0, -6.0)
-    least_squares = _weighted_similarity(fixed.centroids, moving.centroids, np.ones(9))
+    least_squares = fit_similarity(fixed.centroids, moving.centroids, np.ones(9))
     assert np.abs(least_squares[:2, 2] - truth[:2, 2]).max() > 2.0
     match = consensus_similarity(fixed, moving, top_k=2)
     np.testing.assert_allclose(match.matrix[:2, :2], truth[:2, :2], atol=1e-3)

@@ -74,21 +74,19 @@ def test_target_registration_error_of_the_truth_is_zero_and_of_the_identity_its_
 
 # ---------------------------------------------------------------------------- SAMReg
 @pytest.mark.slow
-def test_samreg_brings_most_large_similarities_within_2_px():
-    """Two pairs per texture (seeds 1 and 2). Measured: 7 of 8 under 2 px, median 1.0 px, from
-    31-59 px at the identity; aerial seed 1 ends at 8 px (its ROI consensus is 6° off, and on
-    that repetitive texture the consensus score prefers the wrong angle). Before the consensus
-    refinement and the border-padded image term, 3 of 8 (docs/benchmarks.md)."""
+def test_samreg_brings_every_large_similarity_within_2_px():
+    """Two pairs per texture (seeds 1 and 2). Measured: all 8 under 1.2 px (mean 0.95 px), from
+    31-59 px at the identity. Before the consensus was refined on the ROI outlines, aerial seed 1
+    ended at 8 px (its consensus was 6° off); before the consensus refinement and the
+    border-padded image term, 3 of 8 were within 2 px (docs/benchmarks.md)."""
     errors = {}
     for kind in sorted(SOURCES):
         for seed in (1, 2):
             kp = _pair(kind, seed)
             tre = target_registration_error(get_method("samreg").register(kp.fixed, kp.moving).field, kp.truth)
             assert tre["identity_mean"] > 25.0
-            assert tre["mean"] < 0.5 * tre["identity_mean"], (kind, seed, tre)
             errors[kind, seed] = tre["mean"]
-    assert sum(e < 2.0 for e in errors.values()) >= 7, errors
-    assert errors["cell", 1] < 2.0 and errors["cell", 2] < 2.0, errors
+    assert all(e < 2.0 for e in errors.values()), errors
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ from torch import Tensor
 from fmreg.core.grid import Grid
 from fmreg.correspond.matching import similarity_matrix
 
-__all__ = ["GlobalMatch", "RegionMoments", "agreement", "consensus_similarity", "region_moments", "to_physical"]
+__all__ = ["GlobalMatch", "RegionMoments", "agreement", "consensus_similarity", "fit_similarity", "region_moments",
+           "to_physical"]
 
 
 @dataclass
@@ -200,7 +201,7 @@ def _similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def _weighted_similarity(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.ndarray:
+def fit_similarity(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Least-squares ``(3, 3)`` similarity taking ``(N, 2)`` ``src`` to ``dst`` with weights (Umeyama)."""
     w = w / w.sum()
     ms, md = w @ src, w @ dst
@@ -324,7 +325,7 @@ def _refine(matrix: np.ndarray, fixed: RegionMoments, moving: RegionMoments, den
         sel, _ = _associate(matrix, fixed, moving, pool, min_agreement)
         if len(sel[0]) < max(min_pairs, 2):
             break
-        matrix = _weighted_similarity(fixed.centroids[sel[0]], moving.centroids[sel[1]], sel[2])
+        matrix = fit_similarity(fixed.centroids[sel[0]], moving.centroids[sel[1]], sel[2])
     return _compass_search(matrix, fixed, moving, pool, min_agreement, spread)
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +26,7 @@ from fmreg.core.grid import Grid, mask_centroids, through_plane_axis
 from fmreg.core.image import Image
 from fmreg.correspond.consensus import GlobalMatch, agreement, consensus_similarity, region_moments, to_physical
 from fmreg.correspond.matching import SIMILARITY_THRESHOLD, match_rois, similarity_matrix
+from fmreg.correspond.outlines import outline_points, refine_on_outlines
 from fmreg.correspond.prototypes import roi_prototypes
 from fmreg.segment.base import Encoder, RoiProposals, Segmenter
 from fmreg.segment.object import object_mask
@@ -378,9 +379,24 @@ def _global_search(f_an: list[SliceRois], m_an: list[SliceRois], geo: _SliceGeom
     fixed = region_moments([a.candidates.masks for a in f_an], [a.candidate_prototypes for a in f_an], geo.spacing_fixed)
     moving = region_moments([a.candidates.masks for a in m_an], [a.candidate_prototypes for a in m_an], geo.spacing_moving)
     slice_range = opt.slice_range if threed else 0
-    return (consensus_similarity(fixed, moving, top_k=opt.global_top_k, slice_range=slice_range,
-                                 min_agreement=opt.global_agreement),
-            agreement(np.eye(3), fixed, moving, slice_range, opt.global_agreement) if unmoved else None)
+    match = consensus_similarity(fixed, moving, top_k=opt.global_top_k, slice_range=slice_range,
+                                 min_agreement=opt.global_agreement)
+    if not np.allclose(match.matrix, np.eye(3)):
+        match = _on_outlines(match, f_an, m_an, geo)
+    return match, agreement(np.eye(3), fixed, moving, slice_range, opt.global_agreement) if unmoved else None
+
+
+def _on_outlines(match: GlobalMatch, f_an: list[SliceRois], m_an: list[SliceRois], geo: _SliceGeometry) -> GlobalMatch:
+    """The consensus with its similarity refined on the agreeing candidates' outlines
+    (:mod:`fmreg.correspond.outlines`); the agreeing candidates stay as they are."""
+    def masks(an: list[SliceRois]) -> list[Tensor]:
+        return [m for a in an for m in a.candidates.masks]
+
+    fixed, moving = masks(f_an), masks(m_an)
+    f_out = [outline_points(fixed[j], geo.spacing_fixed) for j in match.fixed_index]
+    m_out = [outline_points(moving[i], geo.spacing_moving) for i in match.moving_index]
+    matrix = refine_on_outlines(match.matrix, f_out, m_out, floor_mm=max(geo.spacing_moving))
+    return replace(match, matrix=matrix)
 
 
 def _consensus_pairs(match: GlobalMatch, f_an: list[SliceRois], m_an: list[SliceRois], fixed: Image,

@@ -18,8 +18,10 @@ from torch import Tensor
 
 from fmreg.core.descriptors import mind_ssc
 from fmreg.core.grid import Frame, Grid, mask_centroids
+from fmreg.core.image import Image
 from fmreg.core.intensity import match_histogram, resize
 from fmreg.core.sampling import sample, sample_normalized, sample_vectors
+from fmreg.core.view import shared_frame_views
 from fmreg.losses import LNCC, MSE, Diffusion, LossRecord, correlation, roi_pair_loss, soft_dice
 from fmreg.optimize.adam import Adam
 from fmreg.optimize.pyramid import Level, control_shape, level_grids, lncc_window, resample_images, resample_masks
@@ -117,6 +119,7 @@ class Fitter:
         self.k, self.weights = 0, torch.ones(0)
         self.fixed_masks = self.moving_masks = self.fixed_image = self.moving_image = None
         self.raw_images: tuple[Tensor, Tensor] | None = None
+        self.views: tuple[Tensor, Tensor] | None = None  # the views inside a frame both images share
         self.fine_detail: bool | None = None  # decided once, before the finest optimised level
         # Slice ROIs say nothing about through-plane motion; without images nothing else does,
         # so the velocity is kept in-plane (each slice integrated on its own) rather than left
@@ -141,6 +144,8 @@ class Fitter:
             moving = match_histogram(moving, fixed)
         self.fixed_image, self.moving_image = fixed, moving
         self.raw_images = raw
+        read = raw if raw is not None else (fixed, moving)
+        self.views = shared_frame_views(Image(read[0], self.fixed_grid), Image(read[1], self.moving_grid))
 
     def start_from_affine(self, homogeneous: np.ndarray) -> None:
         """Start from a physical fixed → moving affine (``(ndim+1, ndim+1)``, mm)."""
@@ -220,15 +225,22 @@ class Fitter:
     def _overlap(self, grid: Grid) -> Tensor | None:
         """Weight of each voxel of ``grid`` in the image term: 1 where the start affine maps it
         into the moving field of view, 0 beyond (linear in between); None when that is everywhere.
+        Where the images share a padding frame (:mod:`fmreg.core.view`), the view is what lies
+        inside the frame, in both images.
 
         Fixed anatomy that the moving image never showed has nothing to match, and continuing the
-        moving border there bends the field towards it. The weight is fixed before the fit, so
-        the deformation cannot lower the term by mapping voxels out of the overlap.
+        moving border there bends the field towards it; a frame that stays put while the anatomy
+        moves would pull towards the identity. The weight is fixed before the fit, so the
+        deformation cannot lower the term by mapping voxels out of the overlap.
         """
-        support = sample(torch.ones(self.moving_grid.shape), self.moving_grid, grid.coordinates(Frame.PHYSICAL), fill=0.0)
+        where = grid.coordinates(Frame.PHYSICAL)
+        fixed_view, moving_view = self.views or (None, torch.ones(self.moving_grid.shape))
+        support = sample(moving_view, self.moving_grid, where, fill=0.0)
         with torch.no_grad():
             points = self.transform(None, grid).normalized_points(grid.shape)
             weight = _warp(support[None], points)[0]
+        if fixed_view is not None:
+            weight = weight * sample(fixed_view, self.fixed_grid, where, fill=0.0)
         return None if bool((weight >= 1.0 - 1e-6).all()) else weight
 
     def _image_term(self, level: Level | None) -> float | None:

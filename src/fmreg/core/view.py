@@ -19,26 +19,28 @@ from fmreg.core.grid import Frame
 from fmreg.core.image import Image
 from fmreg.core.sampling import sample
 
-__all__ = ["MIN_FRAME_FRACTION", "PADDING_TOLERANCE", "SAME_FRAME_IOU", "padding_mask", "shared_frame_views"]
+__all__ = ["MIN_FRAME_FRACTION", "PADDING_TOLERANCE", "SAME_FRAME_VOXELS", "padding_mask", "shared_frame_views"]
 
 #: Values within this fraction of the span from the image's minimum to its 99th percentile count
 #: as padding (compressed photographs leave a little noise in a black surround).
 PADDING_TOLERANCE = 0.01
-#: Two frames are one when their views overlap with at least this intersection over union: a
-#: frame that stays put coincides to within resampling, while 1.5 px of motion of a 76 px view
-#: leaves 0.96.
-SAME_FRAME_IOU = 0.99
+#: Two frames are one when the median distance between their edges is at most this (fixed
+#: voxels): a frame that stays put coincides to within resampling.
+SAME_FRAME_VOXELS = 0.5
 #: Padding of less than this fraction of the image is not a frame.
 MIN_FRAME_FRACTION = 0.01
 
 
 def padding_mask(data: Tensor) -> Tensor:
     """``(*shape)`` bool: the voxels at (or within :data:`PADDING_TOLERANCE` of) the image's
-    minimum that connect to the grid's border through such voxels."""
+    minimum that connect to the grid's border through such voxels, with the single brighter
+    voxels (noise) they surround."""
     a = data.detach().float().numpy()
     lo = float(a.min())
     hi = float(np.percentile(a.ravel()[:: max(1, a.size // 200_000)], 99))
     low = a <= lo + PADDING_TOLERANCE * max(hi - lo, 1e-12)
+    # A closing fills the specks of noise that would otherwise riddle the frame with holes.
+    low |= ndimage.binary_closing(low, np.ones((3,) * a.ndim, dtype=bool))
     labels, count = ndimage.label(low)
     if count == 0:
         return torch.zeros(a.shape, dtype=torch.bool)
@@ -49,16 +51,23 @@ def padding_mask(data: Tensor) -> Tensor:
 
 def shared_frame_views(fixed: Image, moving: Image) -> tuple[Tensor, Tensor] | None:
     """The two images' views (``(*grid.shape)`` float, 1 inside, 0 in the frame) when they share
-    a padding frame on the grid (same place in physical space), else None."""
+    a padding frame that stays put on the grid, else None.
+
+    The frames are one when their edges coincide: the median distance from each edge voxel to
+    the other image's edge (on the fixed grid, both ways) is at most :data:`SAME_FRAME_VOXELS`.
+    The median lets noise, or dark anatomy touching the frame in one image only, move part of
+    an edge; a frame that moves with the anatomy moves all of it.
+    """
     fixed_frame, moving_frame = padding_mask(fixed.data), padding_mask(moving.data)
-    if float(fixed_frame.float().mean()) < MIN_FRAME_FRACTION or float(moving_frame.float().mean()) < MIN_FRAME_FRACTION:
+    if min(float(fixed_frame.float().mean()), float(moving_frame.float().mean())) < MIN_FRAME_FRACTION:
         return None
-    fixed_view = (~fixed_frame).float()
-    moving_view = (~moving_frame).float()
+    fixed_view, moving_view = (~fixed_frame).float(), (~moving_frame).float()
     # The moving view where the fixed voxels lie, nothing moved.
-    here = sample(moving_view, moving.grid, fixed.grid.coordinates(Frame.PHYSICAL), fill=0.0) >= 0.5
-    inside = fixed_view > 0.5
-    union = int((here | inside).sum())
-    if union == 0 or int((here & inside).sum()) / union < SAME_FRAME_IOU:
+    here = (sample(moving_view, moving.grid, fixed.grid.coordinates(Frame.PHYSICAL), fill=0.0) >= 0.5).numpy()
+    inside = fixed_view.numpy() > 0.5
+    edges = [m & ~ndimage.binary_erosion(m, border_value=1) for m in (inside, here)]
+    if not all(e.any() for e in edges):
         return None
-    return fixed_view, moving_view
+    apart = np.concatenate([ndimage.distance_transform_edt(~edges[1])[edges[0]],
+                            ndimage.distance_transform_edt(~edges[0])[edges[1]]])
+    return (fixed_view, moving_view) if float(np.median(apart)) <= SAME_FRAME_VOXELS else None

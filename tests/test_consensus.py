@@ -11,14 +11,7 @@ import torch
 from fmreg.core.grid import Frame, Grid
 from fmreg.correspond.consensus import (RegionMoments, _nearest_partners, fit_similarity, agreement,
                                         consensus_similarity, region_moments, to_physical)
-
-
-def _similarity(angle_deg: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
-    a = math.radians(angle_deg)
-    m = np.eye(3)
-    m[:2, :2] = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    m[:2, 2] = shift
-    return m
+from planar import similarity  # tests/ is on sys.path (rootdir-relative import)
 
 
 def _regions(rng: np.random.Generator, n: int, protos: torch.Tensor) -> RegionMoments:
@@ -41,7 +34,7 @@ def test_the_similarity_that_moved_the_regions_is_recovered_among_distractors():
     rng = np.random.default_rng(0)
     protos = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=1)
     fixed = _regions(rng, 8, protos)
-    truth = _similarity(15.0, 1.07, (12.0, -7.0))
+    truth = similarity(15.0, 1.07, (12.0, -7.0))
     moving = _moved(fixed, truth)
     # Four moving regions that look like fixed ones but sit elsewhere (wrong candidates).
     decoys = _regions(rng, 4, protos[:4].clone())
@@ -62,7 +55,7 @@ def test_a_region_cut_differently_does_not_pull_the_transform():
     protos = torch.nn.functional.normalize(torch.randn(9, 16, generator=torch.Generator().manual_seed(3)), dim=1)
     fixed = _regions(rng, 9, protos)
     fixed.covariances[8] = np.diag([900.0, 400.0])
-    truth = _similarity(-9.0, 1.08, (10.0, 25.0))
+    truth = similarity(-9.0, 1.08, (10.0, 25.0))
     moving = _moved(fixed, truth)
     moving.centroids[8] += (12.0, -6.0)
     least_squares = fit_similarity(fixed.centroids, moving.centroids, np.ones(9))
@@ -103,7 +96,7 @@ def test_too_few_agreeing_regions_keep_the_identity():
     rng = np.random.default_rng(2)
     protos = torch.nn.functional.normalize(torch.randn(2, 8, generator=torch.Generator().manual_seed(2)), dim=1)
     fixed = _regions(rng, 2, protos)
-    match = consensus_similarity(fixed, _moved(fixed, _similarity(10.0, 1.0, (30.0, 0.0))), min_pairs=3)
+    match = consensus_similarity(fixed, _moved(fixed, similarity(10.0, 1.0, (30.0, 0.0))), min_pairs=3)
     np.testing.assert_array_equal(match.matrix, np.eye(3))
 
 
@@ -121,7 +114,7 @@ def test_to_physical_on_an_oblique_2d_grid():
     direction = (math.cos(a), -math.sin(a), math.sin(a), math.cos(a))
     fixed = Grid((40, 50), (0.8, 1.2), (5.0, -3.0), direction)
     moving = Grid((45, 45), (1.0, 1.0), (-2.0, 7.0))
-    m = _similarity(12.0, 0.95, (4.0, -6.0))
+    m = similarity(12.0, 0.95, (4.0, -6.0))
     h = to_physical(m, fixed, moving)
     index = torch.tensor([[3.0, 7.0], [20.0, 31.0]], dtype=torch.float64)  # (x, y) voxel indices
     p_fixed = fixed.convert_points(index, Frame.VOXEL, Frame.PHYSICAL).numpy()
@@ -135,7 +128,7 @@ def test_to_physical_on_an_oblique_2d_grid():
 def test_to_physical_in_3d_moves_every_slice_alike_and_keeps_the_slice():
     fixed = Grid((7, 30, 40), (1.5, 1.5, 10.0), (0.0, 0.0, -20.0))
     moving = Grid((7, 30, 40), (1.5, 1.5, 10.0), (3.0, 1.0, -20.0))
-    m = _similarity(-8.0, 1.02, (2.5, 1.0))
+    m = similarity(-8.0, 1.02, (2.5, 1.0))
     h = to_physical(m, fixed, moving, axis=0)
     for z in (0.0, 4.0):
         index = np.array([[6.0, 9.0, z]])

@@ -9,19 +9,12 @@ import torch
 
 from fmreg.correspond.consensus import fit_similarity
 from fmreg.correspond.outlines import outline_points, refine_on_outlines
+from planar import similarity  # tests/ is on sys.path (rootdir-relative import)
 
 SIDE = 200
 #: (centre x, centre y, semi-axis a, semi-axis b, orientation in degrees), mm = pixels.
 ELLIPSES = [(50, 50, 22, 12, 10), (140, 45, 15, 15, 0), (60, 140, 18, 9, 70), (145, 140, 25, 14, -30),
             (100, 95, 10, 20, 45)]
-
-
-def _similarity(angle_deg: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
-    a = math.radians(angle_deg)
-    m = np.eye(3)
-    m[:2, :2] = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    m[:2, 2] = shift
-    return m
 
 
 def _ellipse(where: np.ndarray, cx, cy, a, b, deg) -> np.ndarray:
@@ -61,15 +54,15 @@ def test_outline_points_are_the_pixels_touching_the_outside_in_mm_x_y():
 
 
 def test_the_similarity_is_recovered_where_the_segmentations_cut_regions_differently():
-    truth = _similarity(12.0, 1.06, (9.0, -7.0))
+    truth = similarity(12.0, 1.06, (9.0, -7.0))
     fixed, moving = _masks(np.eye(3)), _masks(truth)
     # Two moving regions are cut differently: one loses a third of itself, one gains a lobe.
     cols = torch.arange(SIDE).expand(SIDE, SIDE)
     centre_x = int(moving[0].nonzero()[:, 1].float().mean())
     moving[0] = moving[0] & (cols < centre_x + 8)
-    lobe = _masks(truth @ _similarity(0.0, 1.0, (14.0, 0.0)))[3]
+    lobe = _masks(truth @ similarity(0.0, 1.0, (14.0, 0.0)))[3]
     moving[3] = moving[3] | lobe
-    start = truth @ _similarity(2.5, 0.98, (2.0, 1.5))
+    start = truth @ similarity(2.5, 0.98, (2.0, 1.5))
     f_out = [outline_points(m, (1.0, 1.0)) for m in fixed]
     m_out = [outline_points(m, (1.0, 1.0)) for m in moving]
     refined = refine_on_outlines(start, f_out, m_out, floor_mm=1.0)
@@ -84,7 +77,7 @@ def test_the_similarity_is_recovered_where_the_segmentations_cut_regions_differe
 
 
 def test_with_fewer_than_two_outlines_the_start_is_kept():
-    start = _similarity(3.0, 1.0, (1.0, 2.0))
+    start = similarity(3.0, 1.0, (1.0, 2.0))
     one = [np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])]
     np.testing.assert_array_equal(refine_on_outlines(start, one, one, floor_mm=1.0), start)
     np.testing.assert_array_equal(refine_on_outlines(start, one * 2, [one[0], one[0][:2]], floor_mm=1.0), start)

@@ -45,6 +45,24 @@ def test_the_moving_landmarks_are_the_true_field_applied_to_the_fixed_ones(sourc
     assert bool(((q >= 1) & (q <= torch.tensor(moving.grid.size, dtype=q.dtype) - 2)).all())
 
 
+def test_through_an_aperture_both_images_keep_one_disc_and_the_landmarks_lie_in_both(source, tmp_path, capsys):
+    from fmreg.app.known_pairs import aperture_mask
+
+    out = tmp_path / "known"
+    assert main(["known-pairs", str(source), "-o", str(out), "--seeds", "3", "--aperture", "0.45", "-q"]) == 0
+    fixed, moving = read_image(out / "texture_s3_fixed.nii.gz"), read_image(out / "texture_s3_moving.nii.gz")
+    fill = min(float(fixed.data.min()), float(moving.data.min()))
+    for image in (fixed, moving):
+        disc = aperture_mask(image.grid, 0.45)
+        assert bool((image.data[~disc] == fill).all()) and bool((image.data[disc] > fill).any())
+    p = read_landmarks(out / "texture_s3_fixed_landmarks.csv").numpy()
+    q = read_landmarks(out / "texture_s3_moving_landmarks.csv").numpy()
+    assert len(p) >= 10
+    for points, image in ((p, fixed), (q, moving)):
+        centre = (np.asarray(image.grid.size) - 1) / 2
+        assert (np.linalg.norm(points - centre, axis=1) <= 0.45 * min(image.grid.size) - 1.0).all()
+
+
 def test_bench_scores_the_identity_at_the_landmarks_displacement(source, tmp_path, capsys):
     out = tmp_path / "known"
     assert main(["known-pairs", str(source), "-o", str(out), "--seeds", "1", "2", "-q"]) == 0
@@ -59,6 +77,8 @@ def test_bench_scores_the_identity_at_the_landmarks_displacement(source, tmp_pat
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "1", "1"], "seeds must be distinct"),
     (["--local-mm", "nan"], "local_mm must be a finite number"),
+    (["--aperture", "0.7"], "aperture must be in (0, 0.5]"),
+    (["--aperture", "0"], "aperture must be in (0, 0.5]"),
 ])
 def test_bad_settings_are_one_line_errors_and_write_nothing(source, tmp_path, capsys, args, message):
     out = tmp_path / "known"

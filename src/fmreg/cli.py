@@ -286,12 +286,15 @@ each method's landmark TRE against the known transform."""
                           default=3.0)
     overwrite: bool = arg("--overwrite", help="replace earlier outputs in a source image's folder", default=False,
                           action="store_true")
+    aperture: float | None = arg("--aperture", help="see both images through one centred disc of this radius "
+                                 "(fraction of the smaller side, at most 0.5) that stays put, as a camera's",
+                                 type=float, default=None, metavar="R")
 
     def run(self) -> int:
         from fmreg.app.known_pairs import write_known_pairs
 
         path = write_known_pairs(self.sources, self.outdir, self.seeds or [1, 2], self.local_mm, self.overwrite,
-                                 self.log)
+                                 self.log, aperture=self.aperture)
         print(f"known-transform pairs: {path}")
         return 0
 

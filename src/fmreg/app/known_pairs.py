@@ -11,15 +11,17 @@ from __future__ import annotations
 import csv
 import io as _io
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from fmreg.app.common import Log, stderr_log
 from fmreg.core.grid import Frame, Grid
-from fmreg.core.image import check_contrast
+from fmreg.core.image import Image, check_contrast
 from fmreg.errors import FmregError
 from fmreg.evaluate.known_transforms import KnownPair, known_transform_pair, random_similarity
 from fmreg.io.fields import write_field
@@ -27,14 +29,34 @@ from fmreg.io.images import read_image, write_image
 from fmreg.io.outputs import Staging, check_outputs
 from fmreg.io.paths import absolute
 
-__all__ = ["known_landmarks", "write_known_pairs"]
+__all__ = ["aperture_mask", "known_landmarks", "through_aperture", "write_known_pairs"]
 
 MANIFEST_COLUMNS = ("name", "fixed", "moving", "fixed_landmarks", "moving_landmarks")
 
 
-def known_landmarks(pair: KnownPair, per_side: int = 12) -> tuple[np.ndarray, np.ndarray]:
+def aperture_mask(grid: Grid, radius: float) -> Tensor:
+    """``(*grid.shape)`` bool: a centred disc of ``radius`` times the smaller side (pixels)."""
+    h, w = grid.shape
+    y, x = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
+    return (y - (h - 1) / 2) ** 2 + (x - (w - 1) / 2) ** 2 <= (radius * min(h, w)) ** 2
+
+
+def through_aperture(pair: KnownPair, radius: float) -> KnownPair:
+    """The pair seen through one aperture that stays put (a camera's): both images keep a centred
+    disc (:func:`aperture_mask`) and are set to the source's minimum outside it."""
+    fill = float(min(pair.fixed.data.min(), pair.moving.data.min()))
+
+    def framed(image: Image) -> Image:
+        return Image(torch.where(aperture_mask(image.grid, radius), image.data, torch.full_like(image.data, fill)),
+                     image.grid, image.name)
+
+    return replace(pair, fixed=framed(pair.fixed), moving=framed(pair.moving))
+
+
+def known_landmarks(pair: KnownPair, per_side: int = 12, aperture: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Landmarks of a known pair: a ``per_side`` × ``per_side`` grid of fixed points and their
-    true moving positions, keeping the points that land at least a pixel inside the moving image.
+    true moving positions, keeping the points that land at least a pixel inside the moving image
+    (and, with ``aperture``, that lie inside both images' aperture discs).
 
     Returns:
         ``(fixed, moving)``, each ``(N, 2)`` float64 pixel coordinates ``(x, y)`` = (column, row).
@@ -50,6 +72,10 @@ def known_landmarks(pair: KnownPair, per_side: int = 12) -> tuple[np.ndarray, np
     moving_px = moving_grid.convert_points(moving_mm, Frame.PHYSICAL, Frame.VOXEL).numpy()
     hi = np.asarray(moving_grid.size, dtype=np.float64) - 2.0
     inside = ((moving_px >= 1.0) & (moving_px <= hi)).all(axis=1)
+    if aperture is not None:
+        for px, g in ((fixed_px, grid), (moving_px, moving_grid)):
+            centre = (np.asarray(g.size, dtype=np.float64) - 1) / 2
+            inside &= np.linalg.norm(px - centre, axis=1) <= aperture * min(g.size) - 1.0
     return fixed_px[inside], moving_px[inside]
 
 
@@ -68,6 +94,7 @@ def write_known_pairs(
     local_mm: float = 3.0,
     overwrite: bool = False,
     log: Log = stderr_log,
+    aperture: float | None = None,
 ) -> Path:
     """Write one known-transform pair per source image and seed, and their manifest.
 
@@ -81,6 +108,9 @@ def write_known_pairs(
         local_mm: Largest component of the smooth local displacement, mm.
         overwrite: Replace earlier outputs in a folder that holds a source image.
         log: Progress lines.
+        aperture: See both images through one centred disc of this radius (fraction of the
+            smaller side, in (0, 0.5]) that stays put, as a camera's aperture
+            (:func:`through_aperture`); None: the whole images.
 
     Returns:
         The manifest's path.
@@ -91,6 +121,8 @@ def write_known_pairs(
         raise FmregError("seeds must be distinct non-negative integers")
     if not (np.isfinite(local_mm) and local_mm >= 0):
         raise FmregError(f"local_mm must be a finite number >= 0, got {local_mm}")
+    if aperture is not None and not 0 < aperture <= 0.5:
+        raise FmregError(f"aperture must be in (0, 0.5] (a fraction of the smaller side), got {aperture}")
     outdir = absolute(outdir)
     names = _pair_names(sources, seeds)
     check_outputs([outdir / "pairs.csv", *(outdir / f"{n}_fixed.nii.gz" for n in names)], list(map(Path, sources)),
@@ -105,7 +137,9 @@ def write_known_pairs(
             extent = tuple(0.75 * n * s for n, s in zip(image.grid.size, image.grid.spacing))
             params = random_similarity(np.random.default_rng(seed), extent, local_mm=local_mm)
             pair = known_transform_pair(image, params, crop=0.75, seed=seed)
-            fixed_px, moving_px = known_landmarks(pair)
+            if aperture is not None:
+                pair = through_aperture(pair, aperture)
+            fixed_px, moving_px = known_landmarks(pair, aperture=aperture)
             write_image(pair.fixed, staging.path(f"{name}_fixed.nii.gz"))
             write_image(pair.moving, staging.path(f"{name}_moving.nii.gz"))
             write_field(pair.truth, staging.path(f"{name}_true_ddf.nii.gz"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from torch import Tensor
 
 from fmreg.core.grid import Frame
@@ -68,6 +69,6 @@ def shared_frame_views(fixed: Image, moving: Image) -> tuple[Tensor, Tensor] | N
     edges = [m & ~ndimage.binary_erosion(m, border_value=1) for m in (inside, here)]
     if not all(e.any() for e in edges):
         return None
-    apart = np.concatenate([ndimage.distance_transform_edt(~edges[1])[edges[0]],
-                            ndimage.distance_transform_edt(~edges[0])[edges[1]]])
+    points = [np.argwhere(e).astype(np.float64) for e in edges]  # voxel indices of each edge
+    apart = np.concatenate([cKDTree(points[1]).query(points[0])[0], cKDTree(points[0]).query(points[1])[0]])
     return (fixed_view, moving_view) if float(np.median(apart)) <= SAME_FRAME_VOXELS else None

@@ -30,6 +30,8 @@ PADDING_TOLERANCE = 0.01
 SAME_FRAME_VOXELS = 0.5
 #: Padding of less than this fraction of the image is not a frame.
 MIN_FRAME_FRACTION = 0.01
+#: Edge voxels per side whose distances give the median.
+MEDIAN_SAMPLES = 4096
 
 
 def padding_mask(data: Tensor) -> Tensor:
@@ -63,12 +65,17 @@ def shared_frame_views(fixed: Image, moving: Image) -> tuple[Tensor, Tensor] | N
     if min(float(fixed_frame.float().mean()), float(moving_frame.float().mean())) < MIN_FRAME_FRACTION:
         return None
     fixed_view, moving_view = (~fixed_frame).float(), (~moving_frame).float()
-    # The moving view where the fixed voxels lie, nothing moved.
-    here = (sample(moving_view, moving.grid, fixed.grid.coordinates(Frame.PHYSICAL), fill=0.0) >= 0.5).numpy()
+    # The moving view where the fixed voxels lie, nothing moved (on one grid: as it is).
+    if moving.grid == fixed.grid:
+        here = ~moving_frame.numpy()
+    else:
+        here = (sample(moving_view, moving.grid, fixed.grid.coordinates(Frame.PHYSICAL), fill=0.0) >= 0.5).numpy()
     inside = fixed_view.numpy() > 0.5
     edges = [m & ~ndimage.binary_erosion(m, border_value=1) for m in (inside, here)]
     if not all(e.any() for e in edges):
         return None
     points = [np.argwhere(e).astype(np.float64) for e in edges]  # voxel indices of each edge
-    apart = np.concatenate([cKDTree(points[1]).query(points[0])[0], cKDTree(points[0]).query(points[1])[0]])
+    # The median needs a few thousand evenly spread edge voxels per side, not all of them.
+    probe = [p[:: max(1, len(p) // MEDIAN_SAMPLES)] for p in points]
+    apart = np.concatenate([cKDTree(points[1]).query(probe[0])[0], cKDTree(points[0]).query(probe[1])[0]])
     return (fixed_view, moving_view) if float(np.median(apart)) <= SAME_FRAME_VOXELS else None

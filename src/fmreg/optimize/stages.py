@@ -119,7 +119,7 @@ class Fitter:
         self.k, self.weights = 0, torch.ones(0)
         self.fixed_masks = self.moving_masks = self.fixed_image = self.moving_image = None
         self.raw_images: tuple[Tensor, Tensor] | None = None
-        self.views: tuple[Tensor, Tensor] | None = None  # the views inside a frame both images share
+        self._views: tuple | None = None  # (views inside a frame both images share, or None), once asked
         self.fine_detail: bool | None = None  # decided once, before the finest optimised level
         # Slice ROIs say nothing about through-plane motion; without images nothing else does,
         # so the velocity is kept in-plane (each slice integrated on its own) rather than left
@@ -144,8 +144,7 @@ class Fitter:
             moving = match_histogram(moving, fixed)
         self.fixed_image, self.moving_image = fixed, moving
         self.raw_images = raw
-        read = raw if raw is not None else (fixed, moving)
-        self.views = shared_frame_views(Image(read[0], self.fixed_grid), Image(read[1], self.moving_grid))
+        self._views = None
 
     def start_from_affine(self, homogeneous: np.ndarray) -> None:
         """Start from a physical fixed → moving affine (``(ndim+1, ndim+1)``, mm)."""
@@ -222,6 +221,16 @@ class Fitter:
             level.moving_image = mind_ssc(level.moving_image[None, None])[0]
         level.overlap = self._overlap(level.grid) if weighted else None
 
+    def views(self) -> tuple[Tensor, Tensor] | None:
+        """The two images' views inside a padding frame they share (:mod:`fmreg.core.view`),
+        or None; found from the images as read (else the normalised ones) when first asked."""
+        if self.fixed_image is None:
+            return None
+        if self._views is None:
+            read = self.raw_images or (self.fixed_image, self.moving_image)
+            self._views = (shared_frame_views(Image(read[0], self.fixed_grid), Image(read[1], self.moving_grid)),)
+        return self._views[0]
+
     def _overlap(self, grid: Grid) -> Tensor | None:
         """Weight of each voxel of ``grid`` in the image term: 1 where the start affine maps it
         into the moving field of view, 0 beyond (linear in between); None when that is everywhere.
@@ -234,7 +243,7 @@ class Fitter:
         deformation cannot lower the term by mapping voxels out of the overlap.
         """
         where = grid.coordinates(Frame.PHYSICAL)
-        fixed_view, moving_view = self.views or (None, torch.ones(self.moving_grid.shape))
+        fixed_view, moving_view = self.views() or (None, torch.ones(self.moving_grid.shape))
         support = sample(moving_view, self.moving_grid, where, fill=0.0)
         with torch.no_grad():
             points = self.transform(None, grid).normalized_points(grid.shape)

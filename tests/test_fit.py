@@ -645,6 +645,31 @@ def test_with_mind_the_start_choice_finds_the_move_of_an_inverted_contrast():
     assert choose_start(fixed, moving, right, FitOptions(initialize="identity")).name == "candidate"
 
 
+def test_with_lncc_starts_are_compared_on_descriptors():
+    """``1 - LNCC`` is near 1 under any start far from the answer, so no ratio of two of them
+    reaches the start margin; with ``image_metric="lncc"`` the starts are compared with MIND-SSC
+    descriptors (set A of the known similarities: 30.4 px mean before, 2.8 px after)."""
+    from fmreg.optimize.fit import START_MARGIN, FitReport, _start_level, choose_start, fit_intensities
+    from fmreg.optimize.stages import Fitter
+
+    grid = Grid((96, 96), (1.0, 1.0))
+    texture = _texture((128, 128), seed=6, sigma=6.0)
+    fixed = Image(texture[16:112, 16:112], grid)
+    moving = Image(0.5 * texture[10:106, 25:121] + 0.2, grid)  # another linear contrast, moved (-9, 6)
+    right = np.eye(3)
+    right[:2, 2] = [-9.0, 6.0]
+    wrong = np.eye(3)
+    wrong[:2, 2] = [9.0, -6.0]
+    opt = FitOptions(initialize="identity", image_metric="lncc")
+    assert choose_start(fixed, moving, right, opt).name == "candidate"
+    assert choose_start(fixed, moving, wrong, opt).name == "usual"
+    # The LNCC terms themselves rank the right start first, but within the margin.
+    fitter = Fitter(opt, grid, grid, FitReport(), slice_axis=None, use_image=True)
+    fitter.set_images(fit_intensities(fixed.data), fit_intensities(moving.data))
+    right_term, identity_term = fitter.start_terms([right, np.eye(3)], _start_level(opt, fitter.grids))
+    assert right_term < identity_term < START_MARGIN * right_term
+
+
 def test_auto_takes_mind_for_an_inverted_contrast_and_mse_otherwise():
     from fmreg.optimize.fit import resolve_image_metric
 

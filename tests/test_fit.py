@@ -624,18 +624,23 @@ def test_the_mind_image_term_registers_an_inverted_contrast():
     assert errors["mind"] < 0.3 < 1.0 < errors["mse"], errors
 
 
+def _moved_texture(contrast):
+    """A 96² texture (structures of several pixels, as in images: starts are compared on the
+    coarsest level, 8 px) and the same texture moved by (-9, 6) px through ``contrast``; the right
+    and a wrong start (fixed → moving, mm)."""
+    grid = Grid((96, 96), (1.0, 1.0))
+    texture = _texture((128, 128), seed=6, sigma=6.0)
+    fixed = Image(texture[16:112, 16:112], grid)
+    moving = Image(contrast(texture[10:106, 25:121]), grid)
+    right, wrong = np.eye(3), np.eye(3)
+    right[:2, 2], wrong[:2, 2] = [-9.0, 6.0], [9.0, -6.0]
+    return fixed, moving, right, wrong
+
+
 def test_with_mind_the_start_choice_finds_the_move_of_an_inverted_contrast():
     from fmreg.optimize.fit import choose_start
 
-    grid = Grid((96, 96), (1.0, 1.0))
-    # Structures of several pixels, as in images: starts are compared on the coarsest level (8 px).
-    texture = _texture((128, 128), seed=6, sigma=6.0)
-    fixed = Image(texture[16:112, 16:112], grid)
-    moving = Image(1.0 - texture[10:106, 25:121], grid)  # moving(p + (-9, 6)) = 1 - fixed(p)
-    right = np.eye(3)
-    right[:2, 2] = [-9.0, 6.0]
-    wrong = np.eye(3)
-    wrong[:2, 2] = [9.0, -6.0]
+    fixed, moving, right, wrong = _moved_texture(lambda t: 1.0 - t)  # moving(p + (-9, 6)) = 1 - fixed(p)
     opt = FitOptions(initialize="identity", image_metric="mind")
     assert choose_start(fixed, moving, right, opt).name == "candidate"
     assert choose_start(fixed, moving, wrong, opt).name == "usual"
@@ -652,14 +657,8 @@ def test_with_lncc_starts_are_compared_on_descriptors():
     from fmreg.optimize.fit import START_MARGIN, FitReport, _start_level, choose_start, fit_intensities
     from fmreg.optimize.stages import Fitter
 
-    grid = Grid((96, 96), (1.0, 1.0))
-    texture = _texture((128, 128), seed=6, sigma=6.0)
-    fixed = Image(texture[16:112, 16:112], grid)
-    moving = Image(0.5 * texture[10:106, 25:121] + 0.2, grid)  # another linear contrast, moved (-9, 6)
-    right = np.eye(3)
-    right[:2, 2] = [-9.0, 6.0]
-    wrong = np.eye(3)
-    wrong[:2, 2] = [9.0, -6.0]
+    fixed, moving, right, wrong = _moved_texture(lambda t: 0.5 * t + 0.2)  # another linear contrast
+    grid = fixed.grid
     opt = FitOptions(initialize="identity", image_metric="lncc")
     assert choose_start(fixed, moving, right, opt).name == "candidate"
     assert choose_start(fixed, moving, wrong, opt).name == "usual"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fmreg.app.known_pairs import aperture_mask
 from fmreg.core.grid import Grid
 from fmreg.core.image import Image
 from fmreg.evaluate.known_transforms import (
@@ -128,12 +129,6 @@ def test_through_one_aperture_the_frame_does_not_hold_samreg_at_the_identity(mon
     assert _aperture_tre(kp) > 2.5
 
 
-def _disc(grid: Grid) -> torch.Tensor:
-    h, w = grid.shape
-    y, x = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
-    return (y - (h - 1) / 2) ** 2 + (x - (w - 1) / 2) ** 2 <= (0.47 * min(h, w)) ** 2
-
-
 def _pair_through_aperture(kind: str, seed: int):
     from fmreg.io.images import read_image
 
@@ -144,8 +139,8 @@ def _pair_through_aperture(kind: str, seed: int):
     extent = tuple(0.75 * n * s for n, s in zip(source.grid.size, source.grid.spacing))
     params = random_similarity(np.random.default_rng(seed), extent, max_shift_frac=0.08, local_mm=3.0)
     kp = known_transform_pair(source, params, seed=seed)
-    fixed = Image(kp.fixed.data * _disc(kp.fixed.grid), kp.fixed.grid)
-    moving = Image(kp.moving.data * _disc(kp.moving.grid), kp.moving.grid)
+    fixed = Image(kp.fixed.data * aperture_mask(kp.fixed.grid, 0.47), kp.fixed.grid)
+    moving = Image(kp.moving.data * aperture_mask(kp.moving.grid, 0.47), kp.moving.grid)
     return fixed, moving, kp.truth
 
 
@@ -159,7 +154,8 @@ def _aperture_tre(pair) -> float:
     true = truth.to(Frame.PHYSICAL).data.double()
     y = fixed.grid.coordinates(dtype=torch.float64) + true  # (x, y) mm = px
     h, w = moving.grid.shape
-    seen = _disc(fixed.grid) & ((y[1] - (h - 1) / 2) ** 2 + (y[0] - (w - 1) / 2) ** 2 <= (0.47 * min(h, w)) ** 2)
+    in_moving_disc = (y[1] - (h - 1) / 2) ** 2 + (y[0] - (w - 1) / 2) ** 2 <= (0.47 * min(h, w)) ** 2
+    seen = aperture_mask(fixed.grid, 0.47) & in_moving_disc
     return float((u - true).norm(dim=0)[seen].mean())
 
 

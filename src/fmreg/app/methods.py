@@ -49,7 +49,7 @@ def list_methods() -> list[str]:
     return _table(("method", "extra", "installed", "description"), rows) + [
         "",
         "fmreg methods NAME lists a method's parameters (set them with --param KEY=VALUE); "
-        f"install a missing extra with: pip install 'fmreg[EXTRA]'",
+        "install a missing extra with: pip install 'fmreg[EXTRA]'",
     ]
 
 

@@ -70,7 +70,7 @@ def shared_frame_views(fixed: Image, moving: Image) -> tuple[Tensor, Tensor] | N
         here = ~moving_frame.numpy()
     else:
         here = (sample(moving_view, moving.grid, fixed.grid.coordinates(Frame.PHYSICAL), fill=0.0) >= 0.5).numpy()
-    inside = fixed_view.numpy() > 0.5
+    inside = ~fixed_frame.numpy()
     edges = [m & ~ndimage.binary_erosion(m, border_value=1) for m in (inside, here)]
     if not all(e.any() for e in edges):
         return None

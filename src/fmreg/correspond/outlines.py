@@ -65,27 +65,26 @@ def refine_on_outlines(matrix: np.ndarray, fixed: Sequence[np.ndarray], moving: 
     Returns:
         The refined ``(3, 3)`` matrix; ``matrix`` itself when fewer than two regions have outlines.
     """
-    keep = [k for k, (f, m) in enumerate(zip(fixed, moving)) if len(f) >= MIN_POINTS and len(m) >= MIN_POINTS]
-    if len(keep) < 2:
+    pairs = [(f, m) for f, m in zip(fixed, moving) if len(f) >= MIN_POINTS and len(m) >= MIN_POINTS]
+    if len(pairs) < 2:
         return matrix
     # Every stride-th fixed point: a 3D stack's hundreds of regions need not all their pixels.
-    stride = -(-sum(len(fixed[k]) for k in keep) // MAX_POINTS)
-    fixed = [fixed[k][::stride] if k in keep else fixed[k] for k in range(len(fixed))]
-    src = np.concatenate([fixed[k] for k in keep])
-    region = np.repeat(np.arange(len(keep)), [len(fixed[k]) for k in keep])
-    weight = np.concatenate([np.full(len(fixed[k]), 1.0 / len(fixed[k])) for k in keep])
-    dst = np.concatenate([moving[k] for k in keep])
+    stride = -(-sum(len(f) for f, _ in pairs) // MAX_POINTS)
+    pairs = [(f[::stride], m) for f, m in pairs]
+    src, dst = np.concatenate([f for f, _ in pairs]), np.concatenate([m for _, m in pairs])
+    region = np.repeat(np.arange(len(pairs)), [len(f) for f, _ in pairs])
+    weight = np.concatenate([np.full(len(f), 1.0 / len(f)) for f, _ in pairs])
     # One tree for every region: a third coordinate, the region's index times a distance no
     # in-plane offset reaches, keeps each point's nearest partner in its own region.
     apart = 10.0 * (np.ptp(np.concatenate([src, dst]), axis=0).max() + 1.0)
-    tree = cKDTree(np.c_[dst, apart * np.repeat(np.arange(len(keep)), [len(moving[k]) for k in keep])])
+    tree = cKDTree(np.c_[dst, apart * np.repeat(np.arange(len(pairs)), [len(m) for _, m in pairs])])
     for _ in range(iterations):
         mapped = src @ matrix[:2, :2].T + matrix[:2, 2]
         _, idx = tree.query(np.c_[mapped, apart * region])
         dist = np.linalg.norm(dst[idx] - mapped, axis=1)
         close = dist <= max(trim * float(np.median(dist)), floor_mm)
         # A region with fewer than MIN_POINTS close matches has nothing to say this round.
-        enough = np.bincount(region[close], minlength=len(keep)) >= MIN_POINTS
+        enough = np.bincount(region[close], minlength=len(pairs)) >= MIN_POINTS
         close &= enough[region]
         if np.count_nonzero(enough) < 2:
             break

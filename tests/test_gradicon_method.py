@@ -121,6 +121,10 @@ def test_gradicon_registers_with_a_trained_checkpoint(run_dir):
     assert result.field.grid == fixed.grid and result.field.data.shape == (2, 40, 36)
     assert result.info["network_input_size"] == [32, 32] and torch.isfinite(result.field.data).all()
     assert set(result.stage_seconds) == {"load", "instance_optimisation", "network"}
+    plain = GradICONMethod(weights=str(run_dir / "checkpoint.pt"), io_iterations=0).register(fixed, moving)
+    tuned = GradICONMethod(weights=str(run_dir / "checkpoint.pt"), io_iterations=2, io_space="weights").register(fixed, moving)
+    for other in (result, tuned):  # both spaces change the network's answer
+        assert float((other.field.data - plain.field.data).abs().max()) > 1e-4
 
 
 def test_a_2d_model_registers_a_3d_stack_slice_by_slice(run_dir):

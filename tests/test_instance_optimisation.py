@@ -51,6 +51,9 @@ def test_mask_guided_instance_optimisation_changes_the_field_and_not_the_file(tm
     assert (run / "checkpoint.pt").read_bytes() == before
     again = MaskGuidedMethod(weights=weights).register(pair.fixed, pair.moving)
     assert torch.equal(again.field.data, plain.field.data)  # nothing carried over between pairs
+    mapped = MaskGuidedMethod(weights=weights, io_iterations=3, io_space="field").register(pair.fixed, pair.moving)
+    assert float((mapped.field.data - plain.field.data).abs().max()) > 1e-4
+    assert mapped.parameters["io_space"] == "field" and (run / "checkpoint.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("iterations, lr", [(-1, 1e-4), (5, 0.0), (5, float("nan"))])
@@ -62,3 +65,114 @@ def test_both_networks_refuse_instance_settings_they_cannot_use(iterations, lr):
     for method in (GradICONMethod, MaskGuidedMethod):
         with pytest.raises(FmregError, match=r"^io_iterations must be >= 0 and io_lr > 0$"):
             method(io_iterations=iterations, io_lr=lr)
+
+
+def _blobs(shift_px: float = 0.0, n: int = 48) -> torch.Tensor:
+    """``(1, 1, n, n)`` smooth image: two Gaussian blobs, moved ``shift_px`` along x."""
+    yy, xx = torch.meshgrid(torch.arange(float(n)), torch.arange(float(n)), indexing="ij")
+    xx = xx - shift_px
+    img = torch.exp(-((xx - 18) ** 2 + (yy - 20) ** 2) / 40.0) + 0.7 * torch.exp(-((xx - 30) ** 2 + (yy - 28) ** 2) / 30.0)
+    return img[None, None]
+
+
+def _mse_objective(moving: torch.Tensor, fixed: torch.Tensor):
+    from fmreg.core.sampling import sample_normalized
+
+    def objective(points):
+        value = ((sample_normalized(moving, points, padding="border") - fixed) ** 2).mean()
+        return LossRecord(value, {"mse": value})
+
+    return objective
+
+
+def _identity_map(n: int = 48):
+    from fmreg.core.grid import Grid
+    from fmreg.transforms.displacement import DisplacementTransform
+
+    return DisplacementTransform(torch.zeros(1, 2, n, n), Grid((n, n)))
+
+
+def test_map_refinement_recovers_a_known_shift_from_the_identity():
+    from fmreg.optimize.instance import refine_map
+
+    fixed, moving = _blobs(), _blobs(2.0)  # moving(x) = fixed(x − 2 px): T(x) = x + 2 px along x
+    refined = refine_map(_identity_map(), (48, 48), _mse_objective(moving, fixed), iterations=90, lr=3e-3)
+    u = refined.normalized_points((48, 48))[0] - _identity_map().normalized_points((48, 48))[0]
+    px = 2.0 / 47  # one voxel in NORMALIZED units
+    # Where the blobs are (elsewhere the images say nothing about the shift).
+    core = u[14:34, 14:34]
+    assert_close(core[..., 0].mean() / px, torch.tensor(2.0), atol=0.1, rtol=0)
+    assert float(core[..., 1].abs().max() / px) < 0.1
+
+
+def test_map_refinement_of_a_right_map_stays_put_and_zero_steps_change_nothing():
+    from fmreg.optimize.instance import refine_map
+
+    fixed = _blobs()
+    start = _identity_map()
+    assert refine_map(start, (48, 48), _mse_objective(fixed, fixed), iterations=0, lr=3e-3) is start
+    refined = refine_map(start, (48, 48), _mse_objective(fixed, fixed), iterations=30, lr=3e-3)
+    drift = refined.normalized_points((48, 48)) - start.normalized_points((48, 48))
+    assert float(drift.abs().max()) * 47 / 2 < 0.05  # voxels
+
+
+def test_map_refinement_gives_each_pair_of_a_batch_its_own_correction():
+    from fmreg.core.grid import Grid
+    from fmreg.optimize.instance import refine_map
+    from fmreg.transforms.displacement import DisplacementTransform
+
+    fixed = torch.cat([_blobs(), _blobs()])
+    moving = torch.cat([_blobs(2.0), _blobs()])
+    start = DisplacementTransform(torch.zeros(2, 2, 48, 48), Grid((48, 48)))
+    refined = refine_map(start, (48, 48), _mse_objective(moving, fixed), iterations=90, lr=3e-3)
+    u = (refined.normalized_points((48, 48)) - start.normalized_points((48, 48)))[:, 14:34, 14:34, 0] * 47 / 2
+    assert_close(u[0].mean(), torch.tensor(2.0), atol=0.1, rtol=0)
+    assert float(u[1].abs().max()) < 0.05
+
+
+def test_the_blur_backward_is_the_convolution_adjoint_in_2d_and_3d():
+    import torch.nn.functional as F
+
+    from fmreg.losses.image import gaussian_blur
+
+    for shape in ((2, 3, 11, 9), (1, 2, 7, 6, 5)):
+        x = torch.randn(shape, dtype=torch.double, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: gaussian_blur(t, 1.2), (x,))
+    # The same gradient as autograd through the plain convolution.
+    x = torch.randn(1, 1, 12, 10, requires_grad=True)
+    w = torch.randn(1, 1, 12, 10)
+    (gaussian_blur(x, 1.5) * w).sum().backward()
+    radius = 3
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / 1.5) ** 2)
+    k = k / k.sum()
+    y = x.detach().clone().requires_grad_(True)
+    z = F.conv2d(F.conv2d(y, k.reshape(1, 1, -1, 1), padding="same"), k.reshape(1, 1, 1, -1), padding="same")
+    (z * w).sum().backward()
+    assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"io_space": "network"}, "unknown io_space 'network': choose field or weights"),
+    ({"io_smoothness": -1.0}, "io_smoothness must be >= 0"),
+    ({"io_smoothness": float("nan")}, "io_smoothness must be >= 0"),
+])
+def test_both_networks_refuse_unknown_io_spaces_and_negative_smoothness(settings, message):
+    from fmreg.errors import FmregError
+    from fmreg.methods.gradicon import GradICONMethod
+    from fmreg.methods.mask_guided import MaskGuidedMethod
+
+    for method in (GradICONMethod, MaskGuidedMethod):
+        with pytest.raises(FmregError, match=f"^{message}$"):
+            method(**settings)
+
+
+def test_the_step_size_default_follows_the_space():
+    from fmreg.methods.gradicon import GradICONMethod
+    from fmreg.methods.mask_guided import MaskGuidedMethod
+
+    assert GradICONMethod().io_lr == 3e-3 and GradICONMethod(io_space="weights").io_lr == 2e-5
+    # Each network's default space is the one that measured better on data other than ACDC (docs/benchmarks.md).
+    assert GradICONMethod().io_space == "field" and MaskGuidedMethod().io_space == "weights"
+    assert MaskGuidedMethod().io_lr == 1e-4 and MaskGuidedMethod(io_space="field").io_lr == 3e-3
+    assert MaskGuidedMethod(io_lr=0.5).io_lr == 0.5

@@ -45,6 +45,29 @@ def lncc(a: Tensor, b: Tensor, window: Sequence[int], eps: float = 1e-3) -> Tens
     return (cov * cov / (va * vb + eps)).mean()
 
 
+class _SymmetricConvolution(torch.autograd.Function):
+    """Depthwise convolution with a symmetric kernel and zero "same" padding.
+
+    Such a convolution is its own adjoint, so the backward pass is one more forward
+    convolution: several times faster on the CPU than the generic convolution backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return _depthwise(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        return _depthwise(grad, weight), None
+
+
+def _depthwise(x: Tensor, weight: Tensor) -> Tensor:
+    conv = F.conv2d if x.dim() == 4 else F.conv3d
+    return conv(x, weight, padding="same", groups=x.shape[1])
+
+
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of ``(B, C, *shape)`` images, zero padding, kernel ``4σ + 1`` wide."""
     radius = int(2 * sigma)
@@ -52,11 +75,11 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     kernel = torch.exp(-0.5 * (t / sigma) ** 2)
     kernel = kernel / kernel.sum()
     ndim, channels = x.dim() - 2, x.shape[1]
-    conv = F.conv2d if ndim == 2 else F.conv3d
     for axis in range(ndim):
         shape = [1] * ndim
         shape[axis] = kernel.numel()
-        x = conv(x, kernel.reshape(1, 1, *shape).expand(channels, 1, *shape), padding="same", groups=channels)
+        weight = kernel.reshape(1, 1, *shape).expand(channels, 1, *shape).contiguous()
+        x = _SymmetricConvolution.apply(x, weight)
     return x
 
 

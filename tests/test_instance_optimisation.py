@@ -153,7 +153,7 @@ def test_the_blur_backward_is_the_convolution_adjoint_in_2d_and_3d():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"io_space": "network"}, "unknown io_space 'network': choose field or weights"),
+    ({"io_space": "network"}, "unknown io_space 'network': choose field, weights or both"),
     ({"io_smoothness": -1.0}, "io_smoothness must be >= 0"),
     ({"io_smoothness": float("nan")}, "io_smoothness must be >= 0"),
 ])
@@ -171,8 +171,45 @@ def test_the_step_size_default_follows_the_space():
     from fmreg.methods.gradicon import GradICONMethod
     from fmreg.methods.mask_guided import MaskGuidedMethod
 
-    assert GradICONMethod().io_lr == 3e-3 and GradICONMethod(io_space="weights").io_lr == 2e-5
-    # Each network's default space is the one that measured better on data other than ACDC (docs/benchmarks.md).
-    assert GradICONMethod().io_space == "field" and MaskGuidedMethod().io_space == "weights"
-    assert MaskGuidedMethod().io_lr == 1e-4 and MaskGuidedMethod(io_space="field").io_lr == 3e-3
-    assert MaskGuidedMethod(io_lr=0.5).io_lr == 0.5
+    assert GradICONMethod().io.lr == 3e-3 and GradICONMethod(io_space="weights").io.lr == 2e-5
+    # Each network's default space is the one chosen on data other than ACDC (docs/benchmarks.md).
+    assert GradICONMethod().io.space == "field" and MaskGuidedMethod().io.space == "both"
+    both = MaskGuidedMethod().io
+    assert (both.weights_lr, both.field_lr) == (1e-4, 3e-3) and both.tunes_weights and both.refines_map
+    assert MaskGuidedMethod(io_space="field").io.lr == 3e-3 and not MaskGuidedMethod(io_space="field").io.tunes_weights
+    # io_lr sets the weights' step where the weights are tuned; the map's stage of both keeps its own.
+    assert (MaskGuidedMethod(io_lr=0.5).io.weights_lr, MaskGuidedMethod(io_lr=0.5).io.field_lr) == (0.5, 3e-3)
+    assert GradICONMethod(io_lr=0.5).io.field_lr == 0.5 and GradICONMethod(io_lr=0.5).parameters()["io_lr"] == 0.5
+    assert not GradICONMethod(io_iterations=0, io_space="both").io.refines_map
+
+
+def test_refinement_inputs_take_the_fixed_resolution_between_one_and_four_times_the_network_voxels():
+    from fmreg import phantoms
+    from fmreg.core.grid import Grid
+    from fmreg.core.image import Image
+    from fmreg.nn.images import network_input, refinement_inputs
+
+    def image(shape):
+        return Image(torch.rand(shape) + torch.linspace(0, 1, shape[-1]), Grid(shape))
+
+    f, m = refinement_inputs(image((300, 200)), image((90, 400)), (128, 128))
+    assert f.shape == m.shape == (1, 1, 256, 200)  # at most 2x per axis in 2D, never below the network's
+    assert refinement_inputs(image((64, 64)), image((64, 64)), (128, 128))[0].shape == (1, 1, 128, 128)
+    assert refinement_inputs(image((40, 40, 40)), image((40, 40, 40)), (16, 16, 16))[0].shape == (1, 1, 25, 25, 25)
+    fixed = image((256, 216))
+    assert_close(refinement_inputs(fixed, fixed, (128, 128))[0], network_input(fixed, (256, 216)))
+    # A 3D stack for a 2D network: its slices, in-plane at the fixed slices' resolution.
+    stack = phantoms.make_pair(3, seed=1).fixed
+    axis = 0
+    f, m = refinement_inputs(stack, stack, (16, 16), axis)
+    assert f.shape[0] == stack.grid.shape[axis] and f.shape[1] == 1
+    assert tuple(f.shape[2:]) == tuple(min(max(n, 16), 32) for n in stack.grid.shape[1:])
+
+
+def test_refinement_on_finer_images_recovers_a_shift_in_pixels_of_those_images():
+    from fmreg.optimize.instance import refine_on_images
+
+    fixed, moving = _blobs(), _blobs(2.0)  # 48 x 48: twice a 24 x 24 network's input
+    refined = refine_on_images(_identity_map(24), fixed, moving, (24, 24), iterations=90, lr=3e-3)
+    u = refined.normalized_points((48, 48))[0] - _identity_map().normalized_points((48, 48))[0]
+    assert_close(u[14:34, 14:34, 0].mean() * 47 / 2, torch.tensor(2.0), atol=0.15, rtol=0)

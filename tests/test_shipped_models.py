@@ -71,4 +71,4 @@ def test_mask_guided_registers_the_2d_phantom_with_the_shipped_model_and_no_opti
     result = method.register(pair.fixed, pair.moving)
     assert result.field.grid == pair.fixed.grid and torch.isfinite(result.field.data).all()
     assert result.info["model"]["steps"] > 0 and result.parameters["weights"] == "shipped"
-    assert MaskGuidedMethod().io_iterations == 50  # the default registration fine-tunes on the pair
+    assert MaskGuidedMethod().io.iterations == 50  # the default registration fine-tunes on the pair

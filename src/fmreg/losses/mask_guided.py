@@ -98,47 +98,21 @@ def mask_guided_loss(
     seen = (moving_masks, fixed_masks) if mask_inputs else (moving_masks * 0, fixed_masks * 0)
     out = network(moving, fixed, *seen, return_features=True)
     points = identity_points(shape, out.displacement.dtype).to(out.displacement.device) + out.displacement.movedim(1, -1)
-    mapped, warped_masks = _map_terms(points, moving, fixed, moving_masks, fixed_masks, w, spacing, ncc_sigma)
-    u_mm = normalized_to_mm(out.displacement, spacing)
-    reg = diffusion(u_mm.flatten(0, 1), spacing)
-    contrastive, alignment = multilevel_prototype_losses(out.fixed_features, out.warped_features, fixed_masks,
-                                                         warped_masks, tau)
-    total = mapped.total + w["diffusion"] * reg + w["contrastive"] * contrastive + w["alignment"] * alignment
-    terms = {"ncc": mapped.terms["ncc"], "diffusion": reg, "dice": mapped.terms["dice"],
-             "contour": mapped.terms["contour"], "contrastive": contrastive, "alignment": alignment, "total": total}
-    return LossRecord(total, terms)
-
-
-def mask_guided_map_loss(points: Tensor, moving: Tensor, fixed: Tensor, moving_masks: Tensor, fixed_masks: Tensor,
-                         weights: Mapping[str, float] | None = None, spacing: Sequence[float] | None = None,
-                         ncc_sigma: float = 2.5) -> LossRecord:
-    """The terms of :func:`mask_guided_loss` that a map alone decides: image, Dice and contour.
-
-    Args:
-        points: ``(B, *shape, ndim)`` ``NORMALIZED`` points of the moving images, one per fixed voxel.
-        moving, fixed, moving_masks, fixed_masks, weights, spacing, ncc_sigma: As :func:`mask_guided_loss`.
-
-    Returns:
-        Record: ``total`` (``w_ncc (1 − LNCC) + w_dice (1 − Dice) + w_contour · Chamfer²``) and the
-        terms ``ncc``, ``dice`` and ``contour``.
-    """
-    return _map_terms(points, moving, fixed, moving_masks, fixed_masks, weights, spacing, ncc_sigma)[0]
-
-
-def _map_terms(points: Tensor, moving: Tensor, fixed: Tensor, moving_masks: Tensor, fixed_masks: Tensor,
-               weights: Mapping[str, float] | None, spacing: Sequence[float] | None,
-               ncc_sigma: float) -> tuple[LossRecord, Tensor]:
-    """:func:`mask_guided_map_loss` and the ``(B, K, *shape)`` moving masks sampled at ``points``."""
-    w = {**DEFAULT_WEIGHTS, **(weights or {})}
-    spacing = tuple(float(s) for s in (spacing or (1.0,) * (fixed.dim() - 2)))
     warped = sample_normalized(moving, points, padding="border")
     # Zeros outside: no ROI lies beyond the moving image's field of view.
     warped_masks = sample_normalized(moving_masks, points, padding="zeros")
     ncc = gaussian_lncc(warped, fixed, ncc_sigma, squared=True)
+    u_mm = normalized_to_mm(out.displacement, spacing)
+    reg = diffusion(u_mm.flatten(0, 1), spacing)
     dice = _mean_dice(warped_masks, fixed_masks, moving_masks)
     contour = contour_chamfer(warped_masks, fixed_masks, spacing, moving_masks, points)
-    total = w["ncc"] * (1 - ncc) + w["dice"] * (1 - dice) + w["contour"] * contour
-    return LossRecord(total, {"ncc": ncc, "dice": dice, "contour": contour}), warped_masks
+    contrastive, alignment = multilevel_prototype_losses(out.fixed_features, out.warped_features, fixed_masks,
+                                                         warped_masks, tau)
+    total = (w["ncc"] * (1 - ncc) + w["diffusion"] * reg + w["dice"] * (1 - dice) + w["contour"] * contour
+             + w["contrastive"] * contrastive + w["alignment"] * alignment)
+    terms = {"ncc": ncc, "diffusion": reg, "dice": dice, "contour": contour, "contrastive": contrastive,
+             "alignment": alignment, "total": total}
+    return LossRecord(total, terms)
 
 
 class MaskGuidedLoss(nn.Module):
@@ -157,4 +131,4 @@ class MaskGuidedLoss(nn.Module):
                                 self.tau, self.ncc_sigma, self.mask_inputs)
 
 
-__all__ = ["DEFAULT_WEIGHTS", "MaskGuidedLoss", "mask_guided_loss", "mask_guided_map_loss", "normalized_to_mm"]
+__all__ = ["DEFAULT_WEIGHTS", "MaskGuidedLoss", "mask_guided_loss", "normalized_to_mm"]

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from fmreg.core.grid import through_plane_axis
-from fmreg.core.sampling import sample_normalized
 from fmreg.core.image import Image, check_pair
 from fmreg.errors import FmregError
 from fmreg.losses.gradicon import gradicon_loss
@@ -22,8 +21,8 @@ from fmreg.losses.image import GaussianLNCC
 from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.params import declare
 from fmreg.nn.gradicon import GradICON
-from fmreg.nn.images import network_input, physical_field, slicewise_field, stack_inputs
-from fmreg.optimize.instance import IO_SPACES, check_instance_options, instance_optimise, io_step_size, refine_map
+from fmreg.nn.images import network_input, physical_field, refinement_inputs, slicewise_field, stack_inputs
+from fmreg.optimize.instance import IO_PARAMS, instance_optimise, instance_options, refine_on_images
 
 #: Where the models shipped with fmreg live (``gradicon_2d.pt`` / ``gradicon_3d.pt`` + ``.json`` cards).
 WEIGHTS_PACKAGE = "fmreg.nn.weights"
@@ -66,27 +65,22 @@ class GradICONMethod:
 
     def __init__(self, weights: str | None = None, io_iterations: int = 50, io_space: str = "field",
                  io_lr: float | None = None, io_smoothness: float = 0.1, modality: str = "auto") -> None:
-        io_lr = io_step_size(io_space, io_lr, weights_lr=2e-5)
-        check_instance_options(io_iterations, io_lr, io_space, io_smoothness)
+        self.io = instance_options(io_iterations, io_space, io_lr, io_smoothness, weights_lr=2e-5)
         if modality not in ("auto", "ct", "mr"):
             raise FmregError(f"unknown modality '{modality}': choose auto, ct or mr")
-        self.weights, self.io_iterations, self.io_lr, self.modality = weights, io_iterations, io_lr, modality
-        self.io_space, self.io_smoothness = io_space, io_smoothness
+        self.weights, self.modality = weights, modality
 
     PARAMS = declare(__init__, {
         "weights": (None, "network file: a checkpoint of fmreg train or uniGradICON's Step_2_final.trch "
                           "(null: the model shipped with fmreg)"),
-        "io_iterations": (">= 0", "instance-optimisation steps on the pair (0: the network alone)"),
-        "io_space": (IO_SPACES, "instance optimisation over a correction of the network's map (field) "
-                                "or over the network's weights (weights, uniGradICON's)"),
-        "io_lr": ("> 0", "instance-optimisation Adam step size (null: 3e-3 for field, 2e-5 for weights)"),
-        "io_smoothness": (">= 0", "field space: weight of the correction's diffusion energy"),
+        **IO_PARAMS,
+        "io_lr": ("> 0", "instance-optimisation Adam step size: the weights' (weights, both) or the map's (field) "
+                         "(null: 2e-5 for the weights, 3e-3 for the map)"),
         "modality": (("auto", "ct", "mr"), "intensity preprocessing: CT window [-1000, 1000] HU, or min to 99th percentile"),
     })
 
     def parameters(self) -> dict[str, Any]:
-        return {"weights": self.weights or "shipped", "io_iterations": self.io_iterations, "io_space": self.io_space,
-                "io_lr": self.io_lr, "io_smoothness": self.io_smoothness, "modality": self.modality}
+        return {"weights": self.weights or "shipped", **self.io.parameters(), "modality": self.modality}
 
     def register(self, fixed: Image, moving: Image, fixed_labels=None, moving_labels=None) -> RegistrationResult:
         import time
@@ -106,17 +100,17 @@ class GradICONMethod:
             f, m, positions = stack_inputs(fixed, moving, size, axis, self.modality)
         t1 = time.perf_counter()
         similarity = GaussianLNCC(5.0)
-        if self.io_iterations and self.io_space == "weights":
-            net = instance_optimise(net, lambda n: gradicon_loss(n, m, f, similarity), self.io_iterations, self.io_lr)
+        if self.io.tunes_weights:
+            net = instance_optimise(net, lambda n: gradicon_loss(n, m, f, similarity), self.io.iterations,
+                                    self.io.weights_lr)
         t2 = time.perf_counter()
         with torch.no_grad():
             transform = net(m, f)
         t3 = time.perf_counter()
-        if self.io_iterations and self.io_space == "field":
-            def objective(points: torch.Tensor):
-                return similarity(sample_normalized(m, points, padding="border"), f)
-
-            transform = refine_map(transform, size, objective, self.io_iterations, self.io_lr, self.io_smoothness)
+        if self.io.refines_map:
+            fi, mi = refinement_inputs(fixed, moving, size, axis, self.modality)
+            transform = refine_on_images(transform, fi, mi, size, self.io.iterations, self.io.field_lr,
+                                         self.io.smoothness)
         t4 = time.perf_counter()
         if axis is None:
             field = physical_field(transform, fixed.grid, moving.grid)

@@ -25,13 +25,13 @@ from fmreg.core.intensity import resize
 from fmreg.correspond.labels import label_roi_pairs
 from fmreg.correspond.pairs import Correspondences, RoiPair, SamRegOptions, find_correspondences
 from fmreg.errors import FmregError
-from fmreg.losses.mask_guided import MaskGuidedLoss, mask_guided_map_loss
+from fmreg.losses.mask_guided import MaskGuidedLoss
 from fmreg.methods.base import RegistrationResult, add_method
 from fmreg.methods.gradicon import WEIGHTS_PACKAGE, weights_card
 from fmreg.methods.params import declare
-from fmreg.nn.images import network_input, physical_field, slicewise_field, stack_inputs
+from fmreg.nn.images import network_input, physical_field, refinement_inputs, slicewise_field, stack_inputs
 from fmreg.optimize.fit import FitOptions, choose_start
-from fmreg.optimize.instance import IO_SPACES, check_instance_options, instance_optimise, io_step_size, refine_map
+from fmreg.optimize.instance import IO_PARAMS, instance_optimise, instance_options, refine_on_images
 
 
 @dataclass
@@ -114,11 +114,9 @@ PAIR_SOURCES = ("consensus", "matched")
 
 #: The instance-optimisation parameters of both mask-guided methods.
 _IO_PARAMS = {
-    "io_iterations": (">= 0", "instance-optimisation steps on the pair, with the model's training loss (0: the network alone)"),
-    "io_space": (IO_SPACES, "instance optimisation over the network's weights (weights: the whole training loss) "
-                            "or over a correction of its map (field: the loss terms a map decides)"),
-    "io_lr": ("> 0", "instance-optimisation Adam step size (null: 3e-3 for field, 1e-4 for weights)"),
-    "io_smoothness": (">= 0", "field space: weight of the correction's diffusion energy"),
+    **IO_PARAMS,
+    "io_lr": ("> 0", "instance-optimisation Adam step size: the weights' (weights, both; the whole training "
+                     "loss) or the map's (field) (null: 1e-4 for the weights, 3e-3 for the map)"),
 }
 
 
@@ -129,16 +127,14 @@ class MaskGuidedMethod:
     uses_labels = False
 
     def __init__(self, weights: str | None = None, segmenter: str = "classical", model: str | None = None,
-                 pair_source: str = "consensus", io_iterations: int = 50, io_space: str = "weights",
+                 pair_source: str = "consensus", io_iterations: int = 50, io_space: str = "both",
                  io_lr: float | None = None, io_smoothness: float = 0.1) -> None:
         if segmenter not in SEGMENTERS:
             raise FmregError(f"unknown segmenter '{segmenter}': choose one of {', '.join(SEGMENTERS)}")
         if pair_source not in PAIR_SOURCES:
             raise FmregError(f"unknown pair_source '{pair_source}': choose one of {', '.join(PAIR_SOURCES)}")
-        io_lr = io_step_size(io_space, io_lr, weights_lr=1e-4)
-        check_instance_options(io_iterations, io_lr, io_space, io_smoothness)
+        self.io = instance_options(io_iterations, io_space, io_lr, io_smoothness, weights_lr=1e-4)
         self.weights, self.segmenter, self.model, self.pair_source = weights, segmenter, model, pair_source
-        self.io_iterations, self.io_space, self.io_lr, self.io_smoothness = io_iterations, io_space, io_lr, io_smoothness
 
     PARAMS = declare(__init__, {
         "weights": (None, "checkpoint of fmreg train --model mask-guided (null: the model shipped with fmreg)"),
@@ -152,11 +148,7 @@ class MaskGuidedMethod:
 
     def parameters(self) -> dict[str, Any]:
         return {"weights": self.weights or "shipped", "segmenter": self.segmenter, "pair_source": self.pair_source,
-                **self._io_parameters()}
-
-    def _io_parameters(self) -> dict[str, Any]:
-        return {"io_iterations": self.io_iterations, "io_space": self.io_space, "io_lr": self.io_lr,
-                "io_smoothness": self.io_smoothness}
+                **self.io.parameters()}
 
     def _weights(self, ndim: int) -> Path:
         if self.weights:
@@ -210,15 +202,16 @@ class MaskGuidedMethod:
             index = ((positions + 1) / 2 * (moving.grid.shape[axis] - 1)).round().long()
             mm, fm = slice_mask_channels(pairs, axis, index, size, k)
         t2 = time.perf_counter()
-        if self.io_iterations and self.io_space == "weights":
+        if self.io.tunes_weights:
             loss = MaskGuidedLoss(loaded.loss_weights, mask_inputs=loaded.sees_masks)
-            net = instance_optimise(net, lambda n: loss(n, m, f, mm, fm), self.io_iterations, self.io_lr)
+            net = instance_optimise(net, lambda n: loss(n, m, f, mm, fm), self.io.iterations, self.io.weights_lr)
         t3 = time.perf_counter()
         with torch.no_grad():
             transform = net(m, f, mm, fm)
-        if self.io_iterations and self.io_space == "field":
-            transform = refine_map(transform, size, lambda p: mask_guided_map_loss(p, m, f, mm, fm, loaded.loss_weights),
-                                   self.io_iterations, self.io_lr, self.io_smoothness)
+        if self.io.refines_map:
+            fi, mi = refinement_inputs(fixed, moving, size, None if len(size) == fixed.ndim else axis)
+            transform = refine_on_images(transform, fi, mi, size, self.io.iterations, self.io.field_lr,
+                                         self.io.smoothness)
         if len(size) == fixed.ndim:
             field = physical_field(transform, fixed.grid, moving.grid)
         else:
@@ -238,7 +231,7 @@ class MaskGuidedLabelsMethod(MaskGuidedMethod):
     name = "mask-guided-labels"
     uses_labels = True
 
-    def __init__(self, weights: str | None = None, io_iterations: int = 50, io_space: str = "weights",
+    def __init__(self, weights: str | None = None, io_iterations: int = 50, io_space: str = "both",
                  io_lr: float | None = None, io_smoothness: float = 0.1) -> None:
         super().__init__(weights, io_iterations=io_iterations, io_space=io_space, io_lr=io_lr,
                          io_smoothness=io_smoothness)
@@ -249,7 +242,7 @@ class MaskGuidedLabelsMethod(MaskGuidedMethod):
     })
 
     def parameters(self) -> dict[str, Any]:
-        return {"weights": self.weights or "shipped", "segmenter": "labels", **self._io_parameters()}
+        return {"weights": self.weights or "shipped", "segmenter": "labels", **self.io.parameters()}
 
     def _pairs(self, fixed: Image, moving: Image, fixed_labels, moving_labels) -> list[RoiPair]:
         if fixed_labels is None or moving_labels is None:

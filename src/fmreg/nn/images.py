@@ -46,6 +46,37 @@ def physical_field(transform: Transform, fixed: Grid, moving: Grid) -> Displacem
     return DisplacementField(u.float(), fixed, Frame.PHYSICAL)
 
 
+#: The instance-optimisation grid holds at most this many times the network input's voxels.
+REFINE_VOXELS = 4
+
+
+def refinement_inputs(fixed: Image, moving: Image, size: tuple[int, ...], axis: int | None = None,
+                      modality: str = "auto") -> tuple[Tensor, Tensor]:
+    """The pair as :func:`network_input` (or :func:`stack_inputs`) gives it, at a finer size.
+
+    The size is the fixed image's own (in-plane for a stack), but not below the network's input
+    size nor above :data:`REFINE_VOXELS` times its voxel count (twice per axis in 2D): the
+    network saw the images resampled to its input size, a correction of its map can use
+    the detail that resampling took away.
+
+    Args:
+        fixed, moving: The images.
+        size: The network's input shape, array order.
+        axis: The slice axis of a 3D stack a 2D network registers (None: whole images).
+        modality: As :func:`network_input`.
+
+    Returns:
+        ``(fixed, moving)``, each ``(B, 1, *io_size)`` (``B`` = 1, or the fixed slice count).
+    """
+    shape = [n for j, n in enumerate(fixed.grid.shape) if j != axis]
+    most = REFINE_VOXELS ** (1 / len(size))
+    io_size = tuple(int(min(max(n, s), s * most)) for n, s in zip(shape, size))
+    if axis is None:
+        return network_input(fixed, io_size, modality), network_input(moving, io_size, modality)
+    f, m, _ = stack_inputs(fixed, moving, io_size, axis, modality)
+    return f, m
+
+
 def _slice_positions(n: int) -> Tensor:
     """``NORMALIZED`` coordinates of the ``n`` slices of an axis (``align_corners=True``; 0 for one)."""
     return torch.linspace(-1.0, 1.0, n) if n > 1 else torch.zeros(1)

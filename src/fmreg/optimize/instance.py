@@ -1,49 +1,110 @@
 """Instance optimisation: adapt a registration network's answer to the one pair it registers.
 
 Two spaces: the network's weights (:func:`instance_optimise`, uniGradICON's), or the map itself
-(:func:`refine_map`: a diffeomorphic correction composed with the network's map).
+(:func:`refine_map`: a diffeomorphic correction composed with the network's map); or the first
+and then the second.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fmreg.core.grid import Frame, Grid
-from fmreg.core.sampling import identity_points
+from fmreg.core.sampling import identity_points, sample_normalized
 from fmreg.errors import FmregError
 from fmreg.losses.base import LossRecord
+from fmreg.losses.image import GaussianLNCC
 from fmreg.losses.regularization import diffusion
 from fmreg.transforms.base import Transform
 from fmreg.transforms.displacement import DisplacementTransform
 from fmreg.transforms.sequential import SequentialTransform
 from fmreg.transforms.velocity import StationaryVelocity
 
-#: Where instance optimisation adapts the answer: the map (default) or the network's weights.
-IO_SPACES = ("field", "weights")
+#: Where instance optimisation adapts the answer: the map, the network's weights, or the
+#: weights and then the map.
+IO_SPACES = ("field", "weights", "both")
 
 #: Control-grid coarsening factors of the map-space levels, coarse to fine (:func:`refine_map`).
 REFINE_CONTROLS = (32, 8, 2)
 
-
-def io_step_size(space: str, lr: float | None, weights_lr: float, field_lr: float = 3e-3) -> float:
-    """The Adam step size of instance optimisation: ``lr``, or the default of ``space``."""
-    if lr is not None:
-        return lr
-    return weights_lr if space == "weights" else field_lr
+#: Default Adam step size of the map-space correction (``NORMALIZED`` units of velocity).
+FIELD_LR = 3e-3
 
 
-def check_instance_options(iterations: int, lr: float, space: str = "weights", smoothness: float = 0.0) -> None:
-    """One-line error for settings instance optimisation cannot use (NaN ``lr`` included)."""
-    if iterations < 0 or not lr > 0:
+@dataclass(frozen=True)
+class InstanceOptions:
+    """Instance-optimisation settings of a network method.
+
+    Attributes:
+        iterations: Adam steps of each stage (0: the network alone).
+        space: One of :data:`IO_SPACES`.
+        weights_lr: Step size over the network's weights.
+        field_lr: Step size over the map's correction.
+        smoothness: Weight of the correction's diffusion energy (:func:`refine_map`).
+    """
+
+    iterations: int
+    space: str
+    weights_lr: float
+    field_lr: float
+    smoothness: float
+
+    @property
+    def tunes_weights(self) -> bool:
+        return self.iterations > 0 and self.space in ("weights", "both")
+
+    @property
+    def refines_map(self) -> bool:
+        return self.iterations > 0 and self.space in ("field", "both")
+
+    @property
+    def lr(self) -> float:
+        """The step size ``io_lr`` sets: the field's in ``field`` space, else the weights'."""
+        return self.field_lr if self.space == "field" else self.weights_lr
+
+    def parameters(self) -> dict[str, Any]:
+        return {"io_iterations": self.iterations, "io_space": self.space, "io_lr": self.lr,
+                "io_smoothness": self.smoothness}
+
+
+#: The instance-optimisation parameters of the network methods (``io_lr`` each method states).
+IO_PARAMS = {
+    "io_iterations": (">= 0", "instance-optimisation steps on the pair, per stage (0: the network alone)"),
+    "io_space": (IO_SPACES, "adapt a correction of the network's map (field: 1 - LNCC of the pair at its own "
+                            "resolution, up to twice the network's), the network's weights (weights: its training "
+                            "loss on the pair, uniGradICON's), or the weights and then the map (both)"),
+    "io_smoothness": (">= 0", "field and both: weight of the map correction's diffusion energy"),
+}
+
+
+def instance_options(iterations: int, space: str, lr: float | None, smoothness: float,
+                     weights_lr: float) -> InstanceOptions:
+    """Checked :class:`InstanceOptions`; one-line error for settings that cannot be used (NaN included).
+
+    Args:
+        iterations, space, smoothness: As :class:`InstanceOptions`.
+        lr: The step size of the weights (``weights``, ``both``) or of the map (``field``);
+            None: the default (``weights_lr``, or :data:`FIELD_LR`). The map stage of ``both``
+            always takes :data:`FIELD_LR`.
+        weights_lr: The method's default step size over its weights.
+    """
+    if iterations < 0 or not (lr is None or lr > 0):
         raise FmregError("io_iterations must be >= 0 and io_lr > 0")
     if space not in IO_SPACES:
-        raise FmregError(f"unknown io_space '{space}': choose {' or '.join(IO_SPACES)}")
+        raise FmregError(f"unknown io_space '{space}': choose {', '.join(IO_SPACES[:-1])} or {IO_SPACES[-1]}")
     if not smoothness >= 0:
         raise FmregError("io_smoothness must be >= 0")
+    if lr is not None:
+        weights_lr, field_lr = (weights_lr, lr) if space == "field" else (lr, FIELD_LR)
+    else:
+        field_lr = FIELD_LR
+    return InstanceOptions(iterations, space, weights_lr, field_lr, smoothness)
 
 
 def instance_optimise(net: nn.Module, objective: Callable[[nn.Module], LossRecord], iterations: int,
@@ -70,7 +131,7 @@ def instance_optimise(net: nn.Module, objective: Callable[[nn.Module], LossRecor
 
 def refine_map(transform: Transform, shape: Sequence[int], objective: Callable[[Tensor], LossRecord],
                iterations: int, lr: float, smoothness: float = 0.1,
-               controls: Sequence[int] = REFINE_CONTROLS) -> Transform:
+               controls: Sequence[float] = REFINE_CONTROLS) -> Transform:
     """Instance optimisation in map space: ``T' = T ∘ exp(v_1) ∘ … ∘ exp(v_n)``, coarse to fine.
 
     The network's map ``T`` stays as it is; at each level a stationary velocity on a control
@@ -102,6 +163,36 @@ def refine_map(transform: Transform, shape: Sequence[int], objective: Callable[[
     return transform
 
 
+def refine_on_images(transform: Transform, fixed: Tensor, moving: Tensor, size: Sequence[int], iterations: int,
+                     lr: float, smoothness: float = 0.1, sigma: float = 5.0) -> Transform:
+    """:func:`refine_map` with ``1 − LNCC`` of the pair as the objective, on a finer grid than
+    the network's.
+
+    The window and the control grids keep their extent relative to the image: on images ``r``
+    times the network's input size (mean over axes), the Gaussian window is ``r · sigma``
+    voxels and the control-grid factors are ``r ·`` :data:`REFINE_CONTROLS`, so the objective is
+    the network-size one sampled finer.
+
+    Args:
+        transform: The network's map (``NORMALIZED`` frames, fixed → moving).
+        fixed, moving: ``(B, 1, *io_shape)`` intensities (e.g. :func:`fmreg.nn.images.refinement_inputs`).
+        size: The network's input shape, array order.
+        iterations, lr, smoothness: As :func:`refine_map`.
+        sigma: LNCC window at the network's input size, voxels.
+
+    Returns:
+        The refined map (as :func:`refine_map`).
+    """
+    shape = tuple(fixed.shape[2:])
+    r = sum(n / s for n, s in zip(shape, size)) / len(size)
+    similarity = GaussianLNCC(sigma * r)
+
+    def objective(points: Tensor) -> LossRecord:
+        return similarity(sample_normalized(moving, points, padding="border"), fixed)
+
+    return refine_map(transform, shape, objective, iterations, lr, smoothness, tuple(c * r for c in REFINE_CONTROLS))
+
+
 def _frozen(transform: Transform, shape: tuple[int, ...]) -> DisplacementTransform:
     """``transform`` sampled once on the ``shape`` grid, so that later levels do not re-integrate it."""
     with torch.no_grad():
@@ -110,10 +201,10 @@ def _frozen(transform: Transform, shape: tuple[int, ...]) -> DisplacementTransfo
 
 
 def _refine_level(transform: DisplacementTransform, shape: tuple[int, ...], objective: Callable[[Tensor], LossRecord],
-                  iterations: int, lr: float, smoothness: float, control: int) -> Transform:
+                  iterations: int, lr: float, smoothness: float, control: float) -> Transform:
     """One level of :func:`refine_map`: ``T ∘ exp(v)`` with ``v`` on a ``1/control`` grid."""
     domain = Grid(shape)
-    control_shape = tuple(max(2, -(-n // control)) for n in shape)
+    control_shape = tuple(max(2, math.ceil(n / control)) for n in shape)
     # Control spacing of the NORMALIZED frame ([-1, 1] over the first to the last point).
     spacing = [2.0 / (n - 1) for n in control_shape]
     batch = transform.displacement.shape[0]

@@ -79,6 +79,9 @@ def test_bench_scores_the_identity_at_the_landmarks_displacement(source, tmp_pat
     (["--local-mm", "nan"], "local_mm must be a finite number"),
     (["--aperture", "0.7"], "aperture must be in (0, 0.5]"),
     (["--aperture", "0"], "aperture must be in (0, 0.5]"),
+    (["--max-shift", "0.6"], "max_shift must be in [0, 0.5]"),
+    (["--max-angle", "nan"], "max_angle in [0, 180]"),
+    (["--scale", "1.1", "0.9"], "scale range must be 0 < low <= high"),
 ])
 def test_bad_settings_are_one_line_errors_and_write_nothing(source, tmp_path, capsys, args, message):
     out = tmp_path / "known"
@@ -107,3 +110,14 @@ def test_a_constant_source_is_refused_and_nothing_is_left(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no contrast" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_move_bounds_bound_the_true_similarity(source, tmp_path):
+    from fmreg.io.fields import read_field
+
+    out = tmp_path / "known"
+    args = ["--max-shift", "0", "--max-angle", "0", "--scale", "1", "1", "--local-mm", "0", "--seeds", "5", "-q"]
+    assert main(["known-pairs", str(source), "-o", str(out), *args]) == 0
+    # No shift, turn, scale or local field: the moving image is the crop of the very points of the fixed one.
+    truth = read_field(out / "texture_s5_true_ddf.nii.gz")
+    assert float(truth.data.abs().max()) < 1e-4

@@ -268,8 +268,10 @@ keys of --param KEY=VALUE."""
 @dataclass(kw_only=True)
 class KnownPairs(Command):
     """Cut benchmark pairs with known transforms from 2D images: per SOURCE and seed, the fixed
-image is the source resampled through a random similarity (rotation up to 20°, scale 0.9-1.1,
-shift up to 15 % of the image) plus a smooth local field, the moving image its central crop.
+image is the source resampled through a random similarity (by default rotation up to 20°, scale
+0.9-1.1, shift up to 15 % of the image) plus a smooth local field, the moving image its central
+crop. Smaller moves (e.g. --max-shift 0.03 --max-angle 5 --scale 0.95 1.05) test what a
+registration network is made for.
 
 Writes into OUTDIR: pairs.csv, and per pair <name>_fixed.nii.gz, _moving.nii.gz, landmark CSVs
 (a grid of fixed points and their true moving positions) and _true_ddf.nii.gz (the true
@@ -289,12 +291,19 @@ each method's landmark TRE against the known transform."""
     aperture: float | None = arg("--aperture", help="see both images through one centred disc of this radius "
                                  "(fraction of the smaller side, at most 0.5) that stays put, as a camera's",
                                  type=float, default=None, metavar="R")
+    max_shift: float = arg("--max-shift", help="largest shift along x and y, fraction of the image (default 0.15)",
+                           type=float, default=0.15, metavar="F")
+    max_angle: float = arg("--max-angle", help="largest rotation, degrees (default 20)", type=float, default=20.0,
+                           metavar="DEG")
+    scale: list[float] = arg("--scale", help="range of the scale (default 0.9 1.1)", type=float, nargs=2,
+                             default=None, metavar=("LOW", "HIGH"))
 
     def run(self) -> int:
         from fmreg.app.known_pairs import write_known_pairs
 
         path = write_known_pairs(self.sources, self.outdir, self.seeds or [1, 2], self.local_mm, self.overwrite,
-                                 self.log, aperture=self.aperture)
+                                 self.log, aperture=self.aperture, max_shift=self.max_shift, max_angle=self.max_angle,
+                                 scale_range=tuple(self.scale or (0.9, 1.1)))
         print(f"known-transform pairs: {path}")
         return 0
 

@@ -95,6 +95,9 @@ def write_known_pairs(
     overwrite: bool = False,
     log: Log = stderr_log,
     aperture: float | None = None,
+    max_shift: float = 0.15,
+    max_angle: float = 20.0,
+    scale_range: tuple[float, float] = (0.9, 1.1),
 ) -> Path:
     """Write one known-transform pair per source image and seed, and their manifest.
 
@@ -111,6 +114,9 @@ def write_known_pairs(
         aperture: See both images through one centred disc of this radius (fraction of the
             smaller side, in (0, 0.5]) that stays put, as a camera's aperture
             (:func:`through_aperture`); None: the whole images.
+        max_shift: Largest translation along x and y, a fraction of the moving image's extent.
+        max_angle: Largest rotation, degrees.
+        scale_range: Range of the isotropic scale.
 
     Returns:
         The manifest's path.
@@ -123,6 +129,10 @@ def write_known_pairs(
         raise FmregError(f"local_mm must be a finite number >= 0, got {local_mm}")
     if aperture is not None and not 0 < aperture <= 0.5:
         raise FmregError(f"aperture must be in (0, 0.5] (a fraction of the smaller side), got {aperture}")
+    if not 0 <= max_shift <= 0.5 or not 0 <= max_angle <= 180:
+        raise FmregError(f"max_shift must be in [0, 0.5] and max_angle in [0, 180], got {max_shift} and {max_angle}")
+    if not 0 < scale_range[0] <= scale_range[1] < 10:
+        raise FmregError(f"scale range must be 0 < low <= high < 10, got {scale_range[0]} {scale_range[1]}")
     outdir = absolute(outdir)
     names = _pair_names(sources, seeds)
     check_outputs([outdir / "pairs.csv", *(outdir / f"{n}_fixed.nii.gz" for n in names)], list(map(Path, sources)),
@@ -135,7 +145,8 @@ def write_known_pairs(
                 raise FmregError(f"{source}: known-transform pairs are 2D, this image is {image.ndim}D")
             check_contrast(image, "source image")
             extent = tuple(0.75 * n * s for n, s in zip(image.grid.size, image.grid.spacing))
-            params = random_similarity(np.random.default_rng(seed), extent, local_mm=local_mm)
+            params = random_similarity(np.random.default_rng(seed), extent, max_shift, max_angle, tuple(scale_range),
+                                       local_mm)
             pair = known_transform_pair(image, params, crop=0.75, seed=seed)
             if aperture is not None:
                 pair = through_aperture(pair, aperture)

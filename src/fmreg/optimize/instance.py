@@ -76,9 +76,9 @@ class InstanceOptions:
 #: The instance-optimisation parameters of the network methods (``io_lr`` each method states).
 IO_PARAMS = {
     "io_iterations": (">= 0", "instance-optimisation steps on the pair, per stage (0: the network alone)"),
-    "io_space": (IO_SPACES, "adapt a correction of the network's map (field: 1 - LNCC of the pair at its own "
-                            "resolution, up to twice the network's), the network's weights (weights: its training "
-                            "loss on the pair, uniGradICON's), or the weights and then the map (both)"),
+    "io_space": (IO_SPACES, "adapt a correction of the network's map (field: 1 - LNCC of the pair at the fixed "
+                            "image's resolution, up to 4x the network's voxels), the network's weights (weights: its "
+                            "training loss on the pair, uniGradICON's), or the weights and then the map (both)"),
     "io_smoothness": (">= 0", "field and both: weight of the map correction's diffusion energy"),
 }
 

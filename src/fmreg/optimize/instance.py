@@ -140,8 +140,9 @@ def refine_map(transform: Transform, shape: Sequence[int], objective: Callable[[
     coarse-to-fine cascade. Every pair of a batch gets its own correction.
 
     Args:
-        transform: The network's map (``NORMALIZED`` frame of the network's input grid).
-        shape: The network's input shape, array order.
+        transform: The network's map (``NORMALIZED`` frames, fixed → moving).
+        shape: The grid the objective's points lie on (the network's input or a finer one),
+            array order.
         objective: ``points -> LossRecord`` to minimise, ``points`` the ``(B, *shape, ndim)``
             refined map (e.g. an image dissimilarity of the moving image sampled there).
         iterations: Adam steps in all, shared evenly by the levels (the first ones get the rest).

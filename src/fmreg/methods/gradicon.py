@@ -99,8 +99,8 @@ class GradICONMethod:
             # A 2D model registers a 3D stack slice by slice, all slices in one batch.
             f, m, positions = stack_inputs(fixed, moving, size, axis, self.modality)
         t1 = time.perf_counter()
-        similarity = GaussianLNCC(5.0)
         if self.io.tunes_weights:
+            similarity = GaussianLNCC(5.0)
             net = instance_optimise(net, lambda n: gradicon_loss(n, m, f, similarity), self.io.iterations,
                                     self.io.weights_lr)
         t2 = time.perf_counter()

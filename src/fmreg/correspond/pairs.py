@@ -25,22 +25,14 @@ from torch import Tensor
 from fmreg.core.grid import Grid, mask_centroids, through_plane_axis
 from fmreg.core.image import Image
 from fmreg.correspond.consensus import GlobalMatch, agreement, consensus_similarity, region_moments, to_physical
+from fmreg.correspond.levels import redraw_pairs
 from fmreg.correspond.matching import SIMILARITY_THRESHOLD, match_rois, similarity_matrix
 from fmreg.correspond.outlines import outline_points, refine_on_outlines
 from fmreg.correspond.prototypes import roi_prototypes
 from fmreg.segment.base import Encoder, RoiProposals, Segmenter
 from fmreg.segment.object import object_mask
-from fmreg.segment.filtering import (
-    MAX_AREA_FRAC,
-    MAX_BORDER_OUTLINE,
-    MAX_OVERLAP,
-    MIN_AREA_FRAC,
-    MIN_SCORE,
-    MIN_STABILITY,
-    OverlapCache,
-    filter_proposals,
-    mask_areas,
-)
+from fmreg.segment.filtering import (MAX_AREA_FRAC, MAX_BORDER_OUTLINE, MAX_OVERLAP, MIN_AREA_FRAC, MIN_SCORE,
+                                     MIN_STABILITY, OverlapCache, filter_proposals, mask_areas)
 
 __all__ = ["Correspondences", "RoiPair", "SamRegOptions", "find_correspondences", "find_roi_pairs"]
 
@@ -132,6 +124,9 @@ class SamRegOptions:
         global_min_area_frac: Smallest ROI of that search, fraction of the slice area.
         pair_source: ``"matched"``: the pairs of the prototype matching (paper 002);
             ``"consensus"``: the candidates that agree with the global transform.
+        redraw_masks: Redraw the masks of the pairs after the global transform as one kind of
+            iso-intensity region in both images, dropping those that do not redraw alike
+            (:mod:`fmreg.correspond.levels`).
     """
 
     min_area_frac: float = MIN_AREA_FRAC
@@ -151,6 +146,7 @@ class SamRegOptions:
     global_agreement: float = 0.7
     global_min_area_frac: float = 0.001
     pair_source: str = "matched"
+    redraw_masks: bool = True
 
 
 #: Overlap above which the global search drops the lower-scoring of two proposals: only near
@@ -473,6 +469,8 @@ def find_correspondences(
     if matrix is not None:
         moved = (_consensus_pairs(match, f_an, m_an, fixed, moving, axis) if opt.pair_source == "consensus"
                  else _matched_pairs(f_an, m_an, fixed, moving, axis, geo, opt, matrix))
+        if opt.redraw_masks:
+            moved = redraw_pairs(moved, fixed.data, moving.data, matrix, geo.spacing_fixed, geo.spacing_moving, axis)
     timings["match"] = time.perf_counter() - t1
     log.info("samreg: %d ROI pair(s)%s", len(local), "" if moved is None else f", {len(moved)} after the global move")
     return Correspondences(local, moved, match, affine, still)

@@ -38,6 +38,7 @@ ROI_PARAMS = declare(SamRegOptions, {
     "global_agreement": ("[0, 1]", "moment-ellipse overlap a candidate needs to agree with a global hypothesis"),
     "global_min_area_frac": ("[0, 1]", "smallest ROI of the global search, fraction of the slice area"),
     "pair_source": (("matched", "consensus"), "fit pairs: prototype matches, or the candidates agreeing with the global transform"),
+    "redraw_masks": (None, "redraw the pairs after the global transform as one kind of iso-intensity region in both images"),
 })
 
 #: The dense fit (stationary velocity, multi-resolution; paper 002, Eq. 10).

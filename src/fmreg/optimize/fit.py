@@ -36,6 +36,7 @@ from fmreg.core.intensity import normalize
 from fmreg.errors import FmregError
 from fmreg.optimize.initialization import moments_affine
 from fmreg.optimize.stages import Fitter, Stage
+from fmreg.transforms.affine import AffineTransform
 from fmreg.transforms.displacement import DisplacementField
 
 log = logging.getLogger("fmreg")
@@ -228,13 +229,17 @@ def fit_field(
         raise FmregError(f"{k} fixed ROI masks but {moving_masks.shape[0]} moving ones")
     use_image = opt.image_weight > 0 and fixed_image is not None and moving_image is not None
     opt.check()
-    if k == 0 and not use_image:
-        log.warning("no ROI pairs and no image term: returning the identity")
-        return DisplacementField.identity(fixed_grid), FitReport()
     report = FitReport()
     start = initial_affine
     if start is None and opt.initialize == "moments" and fixed_image is not None and moving_image is not None:
         start = moments_affine(Image(fixed_image.float(), fixed_grid), Image(moving_image.float(), moving_grid))
+    if k == 0 and not use_image:
+        log.warning("no ROI pairs and no image term: returning the %s", "start" if start is not None else "identity")
+        if start is None:
+            return DisplacementField.identity(fixed_grid), report
+        report.initial_affine_mm = np.asarray(start).tolist()
+        with torch.no_grad():
+            return AffineTransform.from_physical(np.asarray(start, dtype=np.float64), fixed_grid).field(fixed_grid), report
     if use_image:
         opt, report.start_correlation = resolve_image_metric(
             Image(fixed_image, fixed_grid), Image(moving_image, moving_grid), start, opt, chosen=True)

@@ -108,6 +108,15 @@ def test_roi_pairs_alone_carry_most_of_the_move(kind):
     assert tre["mean"] < tre["identity_mean"] / 3, tre
 
 
+@pytest.mark.slow
+def test_roi_pairs_redrawn_alike_carry_the_local_field_too():
+    """Image term off, masks redrawn as one kind of iso-intensity region in both images
+    (``redraw_masks``). Measured: 1.10 px (identity 46 px; 2.11 px with the masks as found)."""
+    kp = _pair("cell", seed=1)
+    result = get_method("samreg", image_weight=0.0, pair_source="consensus", redraw_masks=True).register(kp.fixed, kp.moving)
+    assert target_registration_error(result.field, kp.truth)["mean"] < 2.0
+
+
 def test_mask_guided_takes_the_roi_pairs_that_agree_with_the_global_move():
     from fmreg.methods.mask_guided import MaskGuidedMethod
 

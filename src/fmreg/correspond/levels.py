@@ -16,6 +16,12 @@ dropped when its region leaks out of the window (its outline runs along the wind
 where the two windows need not correspond) or when the two regions disagree under the global
 similarity (a level set that changed shape between the images).
 
+Off by default (``redraw_masks``): with the image term off it brings known-similarity pairs
+(pure warps of one image) within 2 px where the found masks do not, but on the shared pairs
+(two acquisitions, often two subjects) the level sets do not redraw alike, the pairs that carry
+the real local motion are dropped, and ROI-only Dice falls; with the image term on it changes
+nothing measurable (``docs/benchmarks.md``).
+
 Coordinates: in-plane mm from each slice's first pixel, ``(x, y)`` = (column, row), as in
 :mod:`fmreg.correspond.consensus`.
 """

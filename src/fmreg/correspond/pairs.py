@@ -126,7 +126,7 @@ class SamRegOptions:
             ``"consensus"``: the candidates that agree with the global transform.
         redraw_masks: Redraw the masks of the pairs after the global transform as one kind of
             iso-intensity region in both images, dropping those that do not redraw alike
-            (:mod:`fmreg.correspond.levels`).
+            (:mod:`fmreg.correspond.levels`; off: it does not carry over to real pairs).
     """
 
     min_area_frac: float = MIN_AREA_FRAC
@@ -146,7 +146,7 @@ class SamRegOptions:
     global_agreement: float = 0.7
     global_min_area_frac: float = 0.001
     pair_source: str = "matched"
-    redraw_masks: bool = True
+    redraw_masks: bool = False
 
 
 #: Overlap above which the global search drops the lower-scoring of two proposals: only near

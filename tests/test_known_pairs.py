@@ -121,3 +121,13 @@ def test_move_bounds_bound_the_true_similarity(source, tmp_path):
     # No shift, turn, scale or local field: the moving image is the crop of the very points of the fixed one.
     truth = read_field(out / "texture_s5_true_ddf.nii.gz")
     assert float(truth.data.abs().max()) < 1e-4
+
+
+def test_the_help_names_the_default_bounds_the_generator_uses(capsys):
+    from fmreg.evaluate.known_transforms import MAX_ANGLE_DEG, MAX_SHIFT_FRAC, SCALE_RANGE
+
+    with pytest.raises(SystemExit):
+        main(["known-pairs", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {MAX_SHIFT_FRAC:g})" in text and f"degrees (default {MAX_ANGLE_DEG:g})" in text
+    assert f"(default {SCALE_RANGE[0]:g} {SCALE_RANGE[1]:g})" in text

@@ -292,8 +292,8 @@ each method's landmark TRE against the known transform."""
                                  "(fraction of the smaller side, at most 0.5) that stays put, as a camera's",
                                  type=float, default=None, metavar="R")
     max_shift: float = arg("--max-shift", help="largest shift along x and y, fraction of the image (default 0.15)",
-                           type=float, default=0.15, metavar="F")
-    max_angle: float = arg("--max-angle", help="largest rotation, degrees (default 20)", type=float, default=20.0,
+                           type=float, default=None, metavar="F")
+    max_angle: float = arg("--max-angle", help="largest rotation, degrees (default 20)", type=float, default=None,
                            metavar="DEG")
     scale: list[float] = arg("--scale", help="range of the scale (default 0.9 1.1)", type=float, nargs=2,
                              default=None, metavar=("LOW", "HIGH"))
@@ -301,9 +301,12 @@ each method's landmark TRE against the known transform."""
     def run(self) -> int:
         from fmreg.app.known_pairs import write_known_pairs
 
+        # Unset bounds take write_known_pairs' defaults (fmreg.evaluate.known_transforms).
+        given = {"max_shift": self.max_shift, "max_angle": self.max_angle,
+                 "scale_range": tuple(self.scale) if self.scale else None}
+        bounds = {k: v for k, v in given.items() if v is not None}
         path = write_known_pairs(self.sources, self.outdir, self.seeds or [1, 2], self.local_mm, self.overwrite,
-                                 self.log, aperture=self.aperture, max_shift=self.max_shift, max_angle=self.max_angle,
-                                 scale_range=tuple(self.scale or (0.9, 1.1)))
+                                 self.log, aperture=self.aperture, **bounds)
         print(f"known-transform pairs: {path}")
         return 0
 

@@ -23,7 +23,8 @@ from fmreg.app.common import Log, stderr_log
 from fmreg.core.grid import Frame, Grid
 from fmreg.core.image import Image, check_contrast
 from fmreg.errors import FmregError
-from fmreg.evaluate.known_transforms import KnownPair, known_transform_pair, random_similarity
+from fmreg.evaluate.known_transforms import (MAX_ANGLE_DEG, MAX_SHIFT_FRAC, SCALE_RANGE, KnownPair, known_transform_pair,
+                                             random_similarity)
 from fmreg.io.fields import write_field
 from fmreg.io.images import read_image, write_image
 from fmreg.io.outputs import Staging, check_outputs
@@ -95,9 +96,9 @@ def write_known_pairs(
     overwrite: bool = False,
     log: Log = stderr_log,
     aperture: float | None = None,
-    max_shift: float = 0.15,
-    max_angle: float = 20.0,
-    scale_range: tuple[float, float] = (0.9, 1.1),
+    max_shift: float = MAX_SHIFT_FRAC,
+    max_angle: float = MAX_ANGLE_DEG,
+    scale_range: tuple[float, float] = SCALE_RANGE,
 ) -> Path:
     """Write one known-transform pair per source image and seed, and their manifest.
 

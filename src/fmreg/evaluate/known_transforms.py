@@ -27,7 +27,7 @@ from fmreg.core.sampling import sample
 from fmreg.errors import FmregError
 from fmreg.transforms.displacement import DisplacementField
 
-__all__ = ["KnownPair", "SimilarityParams", "known_transform_pair", "random_similarity", "target_registration_error"]
+__all__ = ["MAX_ANGLE_DEG", "MAX_SHIFT_FRAC", "SCALE_RANGE", "KnownPair", "SimilarityParams", "known_transform_pair", "random_similarity", "target_registration_error"]
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,14 @@ class KnownPair:
     params: SimilarityParams
 
 
-def random_similarity(rng: np.random.Generator, extent_mm: tuple[float, float], max_shift_frac: float = 0.15,
-                      max_angle_deg: float = 20.0, scale_range: tuple[float, float] = (0.9, 1.1),
+#: Default bounds of a drawn similarity: shift (fraction of the extent), rotation (degrees), scale.
+MAX_SHIFT_FRAC = 0.15
+MAX_ANGLE_DEG = 20.0
+SCALE_RANGE = (0.9, 1.1)
+
+
+def random_similarity(rng: np.random.Generator, extent_mm: tuple[float, float], max_shift_frac: float = MAX_SHIFT_FRAC,
+                      max_angle_deg: float = MAX_ANGLE_DEG, scale_range: tuple[float, float] = SCALE_RANGE,
                       local_mm: float = 0.0) -> SimilarityParams:
     """A similarity drawn uniformly within the given bounds (translation along x and y as a
     fraction of the image's ``(x, y)`` extent in mm)."""

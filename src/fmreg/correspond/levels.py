@@ -37,6 +37,7 @@ from scipy import ndimage as ndi
 from torch import Tensor
 
 from fmreg.core.intensity import normalize
+from fmreg.correspond.outlines import outline_mask
 
 __all__ = ["MIN_CONTRAST", "MIN_IOU", "MAX_RIM", "WINDOW", "level_region", "redraw_pairs"]
 
@@ -81,9 +82,8 @@ def level_region(image: np.ndarray, seed: np.ndarray, window: np.ndarray) -> np.
         if n == 0 or overlap.max() == 0:
             return None
         region = labels == overlap.argmax()
-    rim = window & ~ndi.binary_erosion(window, _FOUR, border_value=0)
-    outline = region & ~ndi.binary_erosion(region, _FOUR, border_value=0)
-    return None if (outline & rim).sum() > MAX_RIM * outline.sum() else region
+    outline = outline_mask(region)
+    return None if (outline & outline_mask(window)).sum() > MAX_RIM * outline.sum() else region
 
 
 def _carry(mask: np.ndarray, spacing_from: Sequence[float], spacing_to: Sequence[float],

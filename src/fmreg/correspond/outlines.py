@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fmreg.correspond.consensus import fit_similarity
 
-__all__ = ["ITERATIONS", "TRIM", "outline_points", "refine_on_outlines"]
+__all__ = ["ITERATIONS", "TRIM", "outline_mask", "outline_points", "refine_on_outlines"]
 
 #: Most rounds of matching and fitting.
 ITERATIONS = 30
@@ -35,6 +35,14 @@ MIN_POINTS = 3
 MAX_POINTS = 20_000
 
 
+def outline_mask(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a ``(H, W)`` bool mask that touch its outside (4-connected; the array's
+    border counts as outside), as a bool mask of the same shape."""
+    box = np.pad(mask, 1)
+    interior = box[:-2, 1:-1] & box[2:, 1:-1] & box[1:-1, :-2] & box[1:-1, 2:]
+    return mask & ~interior
+
+
 def outline_points(mask: Tensor, spacing_rc: Sequence[float]) -> np.ndarray:
     """``(N, 2)`` float64 in-plane positions (mm, ``(x, y)``) of the pixels of a ``(H, W)`` mask
     that touch its outside (4-connected; the image border counts as outside)."""
@@ -42,11 +50,8 @@ def outline_points(mask: Tensor, spacing_rc: Sequence[float]) -> np.ndarray:
     rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
     if len(rows) == 0:
         return np.zeros((0, 2))
-    # The region's bounding box, one pixel of outside around it: regions are small on big slices.
-    box = np.pad(m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], 1)
-    inner = box[1:-1, 1:-1]
-    interior = inner & box[:-2, 1:-1] & box[2:, 1:-1] & box[1:-1, :-2] & box[1:-1, 2:]
-    r, c = np.nonzero(inner & ~interior)
+    # Within the region's bounding box: regions are small on big slices.
+    r, c = np.nonzero(outline_mask(m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]))
     return np.stack([(c + cols[0]) * spacing_rc[1], (r + rows[0]) * spacing_rc[0]], axis=1).astype(np.float64)
 
 
